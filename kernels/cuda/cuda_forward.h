@@ -1,0 +1,62 @@
+// The fused CUDA forward of MODEL.md: weights converted and laid out once at load, device scratch
+// sized once for max_batch_size x the longest shapes, ragged batches (per-sample L and C through
+// offsets, never padded). Plain C++: including this header needs no CUDA headers.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/forward_sample.h"
+#include "kernels/model_weights.h"
+
+struct CUstream_st;  // cudaStream_t is CUstream_st*
+
+namespace mmdit {
+
+enum class CudaPrecision { kBf16, kFp32Accurate };
+
+struct CudaForwardOptions {
+  int device = 0;
+  int max_batch_size = 1;
+  int max_seq_len = 4096;      // longest L of one sample
+  int max_context_len = 4096;  // longest C of one sample
+  CudaPrecision precision = CudaPrecision::kBf16;
+};
+
+class CudaForwardImpl;
+
+class CudaForward {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaForward>> Create(const ModelWeights& weights,
+                                                             const CudaForwardOptions& options);
+
+  // Synchronous: copies the batch in (pinned staging), runs on this object's stream, copies out,
+  // waits. Not thread-safe; one per worker.
+  absl::Status Run(ForwardBatch batch);
+
+  // 0 when there is no GPU or no driver; never aborts.
+  static int DeviceCount();
+
+  // For the benchmark: stages `batch`'s inputs once (shapes, offsets, masks, inputs on the
+  // device), after which RunStaged() launches the whole forward on stream() without copies or
+  // synchronization, and FetchStaged() copies the outputs back into the batch's pointers.
+  absl::Status Stage(ForwardBatch batch);
+  absl::Status RunStaged();
+  absl::Status FetchStaged(ForwardBatch batch);
+  // Captures RunStaged() into a CUDA graph (for the currently staged batch) and replays it.
+  absl::Status CaptureGraph();
+  absl::Status ReplayGraph();
+  CUstream_st* stream() const;
+
+  const CudaForwardOptions& options() const;
+
+  ~CudaForward();
+
+ private:
+  explicit CudaForward(std::unique_ptr<CudaForwardImpl> impl);
+  std::unique_ptr<CudaForwardImpl> impl_;
+};
+
+}  // namespace mmdit
