@@ -32,7 +32,7 @@ class HttpServer {
     std::function<bool()> ready;
     // The request line plus headers; larger requests get 431. 8 KiB is what common servers allow.
     size_t max_request_bytes = 8192;
-    // Connections open at once; more are answered 503 and closed.
+    // Connections served at once; more wait in the listen backlog until a slot frees.
     int max_connections = 64;
     // A connection that has not sent a whole request and received its answer by then is closed.
     absl::Duration connection_timeout = absl::Seconds(5);

@@ -1,0 +1,5 @@
+# Metrics, the HTTP endpoints, Prometheus scraping, and the client.
+mmdit_add_test(server_metrics_test
+  SOURCES server_metrics_test.cc
+  LIBS mmdit_metrics
+  LABELS metrics tsan)
