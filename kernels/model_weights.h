@@ -48,8 +48,13 @@ struct ModelWeights {
   // ±1/sqrt(fan_in)); the same seed gives the same weights on every machine.
   static ModelWeights Deterministic(const MmditConfig& config, uint64_t seed);
 
-  // The state_dict key names and tensors, in MODEL.md's naming, for writing back out.
-  std::vector<std::pair<std::string, const std::vector<float>*>> NamedTensors() const;
+  // Every tensor with its state_dict key and shape, in MODEL.md's naming, for writing out.
+  struct NamedTensor {
+    std::string name;
+    std::vector<int64_t> shape;
+    const std::vector<float>* data;
+  };
+  std::vector<NamedTensor> NamedTensors() const;
 };
 
 }  // namespace mmdit

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -41,13 +42,15 @@ class SafetensorsFile {
   absl::StatusOr<std::vector<float>> GetFloat(const std::string& tensor,
                                               const std::vector<int64_t>& expected_shape) const;
 
-  SafetensorsFile(SafetensorsFile&&) noexcept;
-  SafetensorsFile& operator=(SafetensorsFile&&) noexcept;
+  // The bytes of a tensor whose dtype and shape were checked; for integer and bool inputs.
+  absl::StatusOr<TensorView> GetChecked(const std::string& tensor, DType dtype,
+                                        const std::vector<int64_t>& expected_shape) const;
 
  private:
   SafetensorsFile() = default;
   std::string name_;
-  std::string buffer_;
+  // Heap-held so that the views in tensors_ stay valid when the file object moves.
+  std::unique_ptr<const std::string> buffer_;
   std::map<std::string, TensorView> tensors_;
   std::map<std::string, std::string> metadata_;
 };

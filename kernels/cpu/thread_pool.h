@@ -1,0 +1,46 @@
+// A fixed set of threads that run one parallel loop at a time, for the CPU fast forward. The
+// calling thread takes part, so a pool of N threads starts N - 1 workers.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace mmdit {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int num_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return num_threads_; }
+
+  // Calls fn(task, thread) for every task in [0, num_tasks), tasks taken in order by whichever
+  // thread is free (`thread` in [0, num_threads) names the caller's scratch); returns when all
+  // are done. Not reentrant: one loop at a time.
+  void ParallelFor(int num_tasks, const std::function<void(int task, int thread)>& fn);
+
+ private:
+  void WorkerLoop(int thread);
+  void RunTasks(int thread);
+
+  const int num_threads_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable start_cv_;
+  std::condition_variable done_cv_;
+  uint64_t generation_ = 0;  // guarded by mu_
+  int running_ = 0;          // workers still in the current loop; guarded by mu_
+  bool stop_ = false;        // guarded by mu_
+  const std::function<void(int, int)>* fn_ = nullptr;
+  int num_tasks_ = 0;
+  std::atomic<int> next_task_{0};
+};
+
+}  // namespace mmdit

@@ -1,0 +1,120 @@
+// The kernels of the CUDA forward: one POD params struct per kernel and its launch wrapper. A
+// wrapper computes the grid, sets the shared-memory attribute, launches on the caller's stream and
+// never synchronizes. Shapes are dispatched over a small explicit set (D in {64, 128}, head dim
+// 16, row tiles of 16 or 64 tokens); anything else is absl::UnimplementedError.
+//
+// Data layout of one batch: the tokens of sample b are rows [tok_off, tok_off + L + C) of every
+// activation buffer, its L x tokens first and then its C context tokens (the joint order of the
+// attention), so samples of different L and C pack without padding.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "absl/status/status.h"
+
+namespace mmdit {
+namespace cuda {
+
+constexpr int kHeadDim = 16;
+constexpr int kMaxLayers = 64;
+
+enum class Precision { kBf16, kFp32 };
+
+struct SampleInfo {
+  int tok_off;    // first token row of the sample
+  int seq_len;    // L
+  int ctx_len;    // C
+  int start_pos;  // RoPE offset
+  int mask_off;   // word offset of the sample's mask bits; -1: everything visible
+  int pad[3];
+};
+
+// Mask bits of a masked sample at mask_off, Wl = ceil(L / 32) words per row:
+// [L][Wl] x-query x-key bits, then [Wl] row-any bits, then [Wl] column-any bits (MODEL.md step 6).
+
+struct RowTile {
+  int sample;
+  int stream;  // 0: x, 1: context
+  int row0;    // first row within the stream
+  int rows;
+};
+
+struct AttnTile {
+  int sample;
+  int q0;  // first joint query row
+};
+
+// One stream of one layer on the device. Matrices are in mma fragment order (see
+// cuda_forward.cc, PackFragments); vectors are float32.
+struct StreamWeightsDev {
+  const void* qkv_w;   // [3D, D]
+  const void* out_w;   // [D, D]
+  const void* up_w;    // [F, D]
+  const void* down_w;  // [D, F]
+  const float* qkv_b;
+  const float* rms_q;
+  const float* rms_k;
+  const float* out_b;
+  const float* out_rms;
+  const float* up_b;
+  const float* down_b;
+};
+
+// mod[b][layer][stream][6][D] = adaLN(silu(y_b)).
+struct AdaLnParams {
+  const float* y;        // [B][D]
+  const float* w_t;      // [N][2][D][6D]: transposed so that threads read along 6D
+  const float* b;        // [N][2][6D]
+  float* mod;            // [B][N][2][6D]
+  int batch;
+  int dim;
+  int num_layers;
+};
+
+// The row-local part of layers: for each tile of one stream of one sample, optionally the end of
+// layer `post_layer` (output projection + RMSNorm + gated residual, modulated LN + MLP + gated
+// residual) and then optionally the start of layer `qkv_layer` (modulated LN, q/k/v projection,
+// q/k RMSNorm, RoPE on the x stream).
+struct RowParams {
+  const RowTile* tiles;
+  const SampleInfo* samples;
+  const StreamWeightsDev* weights;  // [N][2]
+  const float* mod;                 // see AdaLnParams
+  const float* x_src;               // residual in  [tokens][D] float32
+  float* x_dst;                     // residual out (may equal x_src); null: not written
+  const void* attn;                 // attention output [tokens][D], T-typed
+  void* q;                          // [tokens][D], T-typed
+  void* k;
+  void* v;
+  int num_tiles;
+  int num_layers;
+  int dim_ff;                       // F (a multiple of D)
+  int post_layer;                   // -1: none
+  int qkv_layer;                    // -1: none
+  float inv_freq[kHeadDim / 2];     // RoPE
+};
+
+// Joint attention of one head over a tile of queries of one sample against all its keys.
+struct AttentionParams {
+  const AttnTile* tiles;
+  const SampleInfo* samples;
+  const uint32_t* mask_bits;
+  const void* q;  // [tokens][D], T-typed
+  const void* k;
+  const void* v;
+  void* out;      // [tokens][D], T-typed
+  int num_tiles;
+  int dim;        // D
+  float scale_log2;  // Dh^-0.5 * log2(e)
+};
+
+absl::Status LaunchAdaLn(const AdaLnParams& params, cudaStream_t stream);
+absl::Status LaunchRow(const RowParams& params, Precision precision, int dim, int tile_rows,
+                       cudaStream_t stream);
+absl::Status LaunchAttention(const AttentionParams& params, Precision precision,
+                             int tile_queries, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mmdit
