@@ -3,3 +3,7 @@ mmdit_add_test(server_metrics_test
   SOURCES server_metrics_test.cc
   LIBS mmdit_metrics
   LABELS metrics tsan)
+mmdit_add_test(server_http_test
+  SOURCES server_http_test.cc
+  LIBS mmdit_http absl::strings absl::time
+  LABELS metrics tsan)
