@@ -7,3 +7,7 @@ mmdit_add_test(server_http_test
   SOURCES server_http_test.cc
   LIBS mmdit_http absl::strings absl::time
   LABELS metrics tsan)
+mmdit_add_test(prometheus_scrape_test
+  SOURCES prometheus_scrape_test.cc
+  LIBS mmdit_metrics mmdit_http nlohmann_json::nlohmann_json absl::strings absl::time
+  LABELS metrics)
