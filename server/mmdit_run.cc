@@ -17,6 +17,9 @@
 #include "kernels/forward_sample.h"
 #include "kernels/safetensors.h"
 #include "server/model_repository.h"
+#ifdef MMDIT_HAVE_CUDA
+#include "kernels/cuda/cuda_forward.h"
+#endif
 
 ABSL_FLAG(std::string, model_repository, "",
           "Model repository folder (DIR/<model>/config.pbtxt, DIR/<model>/<version>/"
@@ -117,6 +120,36 @@ absl::StatusOr<LoadedModel> Load() {
   return LoadModel(repo, model, absl::GetFlag(FLAGS_version));
 }
 
+// Runs `batch` on the chosen device; returns where it ran ("cpu", "cuda:0 bf16", …).
+absl::StatusOr<std::string> Forward(const LoadedModel& model, const std::string& device,
+                                    int seq_len, int context_len, ForwardBatch batch) {
+#ifdef MMDIT_HAVE_CUDA
+  if (device == "cuda" || (device == "auto" && CudaForward::DeviceCount() > 0)) {
+    if (CudaForward::DeviceCount() == 0) {
+      return absl::FailedPreconditionError("--device=cuda but no CUDA device is visible");
+    }
+    CudaForwardOptions options;
+    options.max_batch_size = static_cast<int>(batch.size());
+    options.max_seq_len = seq_len;
+    options.max_context_len = context_len;
+    const bool bf16 = model.config.precision() == "bf16";
+    options.precision = bf16 ? CudaPrecision::kBf16 : CudaPrecision::kFp32Accurate;
+    absl::StatusOr<std::unique_ptr<CudaForward>> forward = CudaForward::Create(model.weights, options);
+    if (!forward.ok()) return forward.status();
+    if (absl::Status s = (*forward)->Run(batch); !s.ok()) return s;
+    return std::string(bf16 ? "cuda:0 bf16" : "cuda:0 fp32");
+  }
+#else
+  (void)seq_len;
+  (void)context_len;
+  if (device == "cuda") {
+    return absl::UnimplementedError("this build has no CUDA forward; use --device=cpu");
+  }
+#endif
+  if (absl::Status s = ReferenceForward(model.weights, batch); !s.ok()) return s;
+  return std::string("cpu");
+}
+
 absl::Status Run() {
   const std::string inputs_path = absl::GetFlag(FLAGS_inputs);
   const std::string outputs_path = absl::GetFlag(FLAGS_outputs);
@@ -151,13 +184,12 @@ absl::Status Run() {
     s.x_out = &x_out[b * in->seq_len * d];
     s.context_out = &context_out[b * in->context_len * d];
   }
-  if (device == "cuda") {
-    return absl::UnimplementedError("this build has no CUDA forward; use --device=cpu");
-  }
-  const auto start = std::chrono::steady_clock::now();
-  if (absl::Status s = ReferenceForward(model->weights, batch); !s.ok()) {
+  if (absl::Status s = ValidateBatch(config, batch); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat(inputs_path, ": ", s.message()));
   }
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<std::string> ran_on = Forward(*model, device, in->seq_len, in->context_len, batch);
+  if (!ran_on.ok()) return ran_on.status();
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
 
@@ -165,8 +197,9 @@ absl::Status Run() {
   writer.AddFloat("x_out", {in->batch, in->seq_len, d}, x_out);
   writer.AddFloat("context_out", {in->batch, in->context_len, d}, context_out);
   if (absl::Status s = writer.WriteFile(outputs_path); !s.ok()) return s;
-  std::fprintf(stderr, "mmdit-run: %s v%lld on cpu, batch %d, L %d, C %d: %.1f ms -> %s\n",
-               model->config.name().c_str(), static_cast<long long>(model->version), in->batch,
+  std::fprintf(stderr, "mmdit-run: %s v%lld on %s, batch %d, L %d, C %d: %.1f ms -> %s\n",
+               model->config.name().c_str(), static_cast<long long>(model->version),
+               ran_on->c_str(), in->batch,
                in->seq_len, in->context_len, ms, outputs_path.c_str());
   return absl::OkStatus();
 }
