@@ -130,7 +130,7 @@ HttpServer::HttpServer(const Options& options) : options_(options) {}
 HttpServer::~HttpServer() { Shutdown(); }
 
 absl::Status HttpServer::Start() {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (started_) return absl::FailedPreconditionError("HTTP server already started");
   if (stopped_) return absl::FailedPreconditionError("HTTP server was shut down");
 
@@ -169,7 +169,7 @@ absl::Status HttpServer::Start() {
 
 void HttpServer::Shutdown() {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (stopped_) return;
     stopped_ = true;
     if (!started_) return;

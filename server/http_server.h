@@ -8,13 +8,13 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 
 namespace mmdit {
@@ -57,7 +57,7 @@ class HttpServer {
   int listen_fd_ = -1;
   int wake_fds_[2] = {-1, -1};  // a pipe that interrupts poll() on Shutdown
   std::thread thread_;
-  absl::Mutex mu_;
+  std::mutex mu_;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
 };

@@ -156,7 +156,7 @@ absl::StatusOr<T*> Family<T>::Get(absl::Span<const std::string> label_values) {
         absl::StrJoin(label_names_, ", "), "); got ", label_values.size(), " values"));
   }
   std::vector<std::string> key(label_values.begin(), label_values.end());
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   auto it = children_.find(key);
   if (it == children_.end()) it = children_.emplace(std::move(key), MakeChild()).first;
   return it->second.get();
@@ -171,7 +171,7 @@ T& Family<T>::WithLabels(absl::Span<const std::string> label_values) {
 
 template <>
 void Family<Counter>::Render(std::string* out) const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   std::vector<const std::vector<std::string>*> keys;
   for (const auto& [key, child] : children_) keys.push_back(&key);
   std::sort(keys.begin(), keys.end(), [](auto* a, auto* b) { return *a < *b; });
@@ -182,7 +182,7 @@ void Family<Counter>::Render(std::string* out) const {
 
 template <>
 void Family<Gauge>::Render(std::string* out) const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   std::vector<const std::vector<std::string>*> keys;
   for (const auto& [key, child] : children_) keys.push_back(&key);
   std::sort(keys.begin(), keys.end(), [](auto* a, auto* b) { return *a < *b; });
@@ -193,7 +193,7 @@ void Family<Gauge>::Render(std::string* out) const {
 
 template <>
 void Family<Histogram>::Render(std::string* out) const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   std::vector<const std::vector<std::string>*> keys;
   for (const auto& [key, child] : children_) keys.push_back(&key);
   std::sort(keys.begin(), keys.end(), [](auto* a, auto* b) { return *a < *b; });
@@ -256,7 +256,7 @@ absl::Status MetricsRegistry::CheckNewFamily(const std::string& name,
 absl::StatusOr<CounterFamily*> MetricsRegistry::AddCounter(const std::string& name,
                                                            const std::string& help,
                                                            std::vector<std::string> label_names) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckNewFamily(name, label_names, false); !s.ok()) return s;
   Entry e{MetricType::kCounter, nullptr, nullptr, nullptr};
   const bool no_labels = label_names.empty();
@@ -270,7 +270,7 @@ absl::StatusOr<CounterFamily*> MetricsRegistry::AddCounter(const std::string& na
 absl::StatusOr<GaugeFamily*> MetricsRegistry::AddGauge(const std::string& name,
                                                        const std::string& help,
                                                        std::vector<std::string> label_names) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckNewFamily(name, label_names, false); !s.ok()) return s;
   Entry e{MetricType::kGauge, nullptr, nullptr, nullptr};
   const bool no_labels = label_names.empty();
@@ -283,7 +283,7 @@ absl::StatusOr<GaugeFamily*> MetricsRegistry::AddGauge(const std::string& name,
 absl::StatusOr<HistogramFamily*> MetricsRegistry::AddHistogram(
     const std::string& name, const std::string& help, std::vector<std::string> label_names,
     std::vector<double> upper_bounds) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckNewFamily(name, label_names, true); !s.ok()) return s;
   if (upper_bounds.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("histogram ", name, " has no buckets"));
@@ -310,7 +310,7 @@ absl::StatusOr<HistogramFamily*> MetricsRegistry::AddHistogram(
 
 std::string MetricsRegistry::Exposition() const {
   std::string out;
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   for (const Entry& e : families_) {
     switch (e.type) {
       case MetricType::kCounter:

@@ -1,12 +1,17 @@
 // A small Prometheus metrics registry: counters, gauges and histograms with label sets, rendered
 // in the text exposition format 0.0.4. The hot path (Increment, Set, Observe on a child the
 // caller already holds) is lock-free; looking a child up by label values takes one short
-// absl::Mutex section, so callers on the request path keep the returned pointer.
+// mutex section, so callers on the request path keep the returned pointer.
+//
+// The locks here are std::mutex rather than absl::Mutex: Debian's Abseil is not built with
+// ThreadSanitizer, so TSan cannot see absl::Mutex's ordering and reports false races in the TSan
+// build, while std::mutex goes through pthread calls that TSan intercepts.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,7 +20,6 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 
 namespace mmdit {
@@ -98,7 +102,7 @@ class Family {
   const std::string help_;
   const std::vector<std::string> label_names_;
   const std::vector<double> upper_bounds_;  // histograms only
-  mutable absl::Mutex mu_;
+  mutable std::mutex mu_;
   absl::flat_hash_map<std::vector<std::string>, std::unique_ptr<T>> children_
       ABSL_GUARDED_BY(mu_);
 };
@@ -139,7 +143,7 @@ class MetricsRegistry {
     std::unique_ptr<GaugeFamily> gauge;
     std::unique_ptr<HistogramFamily> histogram;
   };
-  mutable absl::Mutex mu_;
+  mutable std::mutex mu_;
   std::vector<Entry> families_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -135,13 +135,13 @@ ServerMetrics::ModelSeries* ServerMetrics::SeriesLocked(const std::string& model
 }
 
 std::string ServerMetrics::ModelLabel(absl::string_view model) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (models_.contains(model)) return std::string(model);
   return kUnknownModel;
 }
 
 ServerMetrics::ModelSeries* ServerMetrics::Series(absl::string_view model) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   auto it = models_.find(model);
   if (it != models_.end()) return it->second.get();
   return SeriesLocked(kUnknownModel);
@@ -150,7 +150,7 @@ ServerMetrics::ModelSeries* ServerMetrics::Series(absl::string_view model) {
 void ServerMetrics::SetModelState(absl::string_view model, ModelLoadState state) {
   const std::string name(model);
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     SeriesLocked(name);
   }
   for (ModelLoadState s : kAllStates) {
