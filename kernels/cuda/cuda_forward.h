@@ -23,6 +23,13 @@ struct CudaForwardOptions {
   int max_seq_len = 4096;      // longest L of one sample
   int max_context_len = 4096;  // longest C of one sample
   CudaPrecision precision = CudaPrecision::kBf16;
+  // Bytes of attention-mask bits one batch may carry ((L + 2) x ceil(L / 32) words per masked
+  // sample); a batch over it is rejected.
+  int64_t max_mask_bytes = int64_t{64} << 20;
+  // Tile sizes: 0 picks by batch size; otherwise 16 or 64 tokens per row-kernel CTA and 64 or
+  // 128 queries per attention CTA (for measurements).
+  int row_tile_rows = 0;
+  int attn_tile_queries = 0;
 };
 
 class CudaForwardImpl;
@@ -51,6 +58,9 @@ class CudaForward {
   CUstream_st* stream() const;
 
   const CudaForwardOptions& options() const;
+  // The tile sizes chosen for the staged batch.
+  int tile_rows() const;
+  int tile_queries() const;
 
   ~CudaForward();
 

@@ -1,0 +1,283 @@
+// Joint attention for head dim 16 and the adaLN modulation of all layers.
+//
+// Attention: one CTA per (query tile of one sample, head); each warp owns 16 queries and streams
+// every key of the sample (x keys, then context keys) in blocks of 64 through shared memory with
+// an online softmax in exp2 (the Dh^-0.5 * log2 e scale folded in). With Dh = 16, Q K^T is one
+// k-step of the tensor cores per 8 keys and the scores stay in registers, where their
+// accumulator layout is the A operand of P V (FlashAttention-2's trick). The mask travels as bits.
+//
+// adaLN: one GEMV per (layer, stream) for 16 samples at a time, so each weight is read from L2
+// once per 16 samples; in float32 in both modes (it is 0.1 % of the FLOPs).
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/forward_kernels.h"
+#include "kernels/cuda/mma.cuh"
+
+namespace mmdit {
+namespace cuda {
+namespace {
+
+constexpr int kKeyBlock = 64;
+constexpr int kKStride = 24;  // conflict-free K fragment loads (see mma.cuh)
+constexpr int kVStride = 72;  // V^T rows
+
+// Bits i of the result: key base + i is visible from joint query row r (MODEL.md step 6).
+__device__ __forceinline__ uint32_t RangeBits(int base, int lo, int hi) {
+  const int a = min(max(lo - base, 0), 32), b = min(max(hi - base, 0), 32);
+  if (b <= a) return 0u;
+  const uint32_t upto_b = b == 32 ? 0xffffffffu : ((1u << b) - 1u);
+  const uint32_t upto_a = a == 32 ? 0xffffffffu : ((1u << a) - 1u);
+  return upto_b & ~upto_a;
+}
+
+__device__ __forceinline__ uint32_t VisibleWord(const uint32_t* mask, int L, int T, int r,
+                                                int base) {
+  if (mask == nullptr) return RangeBits(base, 0, T);
+  const int wl = (L + 31) / 32;
+  const uint32_t* row_any = mask + (size_t)L * wl;
+  const uint32_t* col_any = row_any + wl;
+  const int w = base / 32;
+  uint32_t x_bits = 0u;
+  if (w < wl) x_bits = r < L ? mask[(size_t)r * wl + w] : col_any[w];
+  x_bits &= RangeBits(base, 0, L);
+  const bool sees_context = r >= L || ((row_any[r / 32] >> (r % 32)) & 1u);
+  return x_bits | (sees_context ? RangeBits(base, L, T) : 0u);
+}
+
+template <Precision P>
+__global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) {
+  using T = typename Prec<P>::T;
+  __shared__ __align__(16) T ks[kKeyBlock * kKStride];
+  __shared__ __align__(16) T vt[kHeadDim * kVStride];
+
+  const AttnTile tile = p.tiles[blockIdx.x];
+  const SampleInfo si = p.samples[tile.sample];
+  const int head = blockIdx.y;
+  const int L = si.seq_len, num_keys = si.seq_len + si.ctx_len;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int r0 = tile.q0 + warp * 16 + g, r1 = r0 + 8;
+  const bool active = tile.q0 + warp * 16 < num_keys;  // warp-uniform
+  const int rr0 = min(r0, num_keys - 1), rr1 = min(r1, num_keys - 1);
+  const size_t base = (size_t)si.tok_off * p.dim + head * kHeadDim;
+  const T* q = static_cast<const T*>(p.q) + base;
+  const T* k = static_cast<const T*>(p.k) + base;
+  const T* v = static_cast<const T*>(p.v) + base;
+  const uint32_t* mask = si.mask_off >= 0 ? p.mask_bits + si.mask_off : nullptr;
+
+  uint32_t qa[4];
+  uint32_t qhi[2][4], qlo[2][4];
+  if constexpr (P == Precision::kBf16) {
+    qa[0] = *reinterpret_cast<const uint32_t*>(q + (size_t)rr0 * p.dim + 2 * t);
+    qa[1] = *reinterpret_cast<const uint32_t*>(q + (size_t)rr1 * p.dim + 2 * t);
+    qa[2] = *reinterpret_cast<const uint32_t*>(q + (size_t)rr0 * p.dim + 2 * t + 8);
+    qa[3] = *reinterpret_cast<const uint32_t*>(q + (size_t)rr1 * p.dim + 2 * t + 8);
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float2 a0 = *reinterpret_cast<const float2*>(q + (size_t)rr0 * p.dim + 8 * h + 2 * t);
+      const float2 a1 = *reinterpret_cast<const float2*>(q + (size_t)rr1 * p.dim + 8 * h + 2 * t);
+      SplitTf32(a0.x, qhi[h][0], qlo[h][0]);
+      SplitTf32(a1.x, qhi[h][1], qlo[h][1]);
+      SplitTf32(a0.y, qhi[h][2], qlo[h][2]);
+      SplitTf32(a1.y, qhi[h][3], qlo[h][3]);
+    }
+  }
+
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  float o[2][4] = {};
+  constexpr int kVec = 16 / sizeof(T);
+  for (int kb = 0; kb < num_keys; kb += kKeyBlock) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < kKeyBlock * kHeadDim / kVec; i += blockDim.x) {
+      const int j = i / (kHeadDim / kVec), c = (i % (kHeadDim / kVec)) * kVec;
+      uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = make_uint4(0u, 0u, 0u, 0u);
+      if (kb + j < num_keys) {
+        kv = *reinterpret_cast<const uint4*>(k + (size_t)(kb + j) * p.dim + c);
+        vv = *reinterpret_cast<const uint4*>(v + (size_t)(kb + j) * p.dim + c);
+      }
+      *reinterpret_cast<uint4*>(ks + j * kKStride + c) = kv;
+      const T* ve = reinterpret_cast<const T*>(&vv);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) vt[(c + e) * kVStride + j] = ve[e];
+    }
+    __syncthreads();
+    if (!active) continue;
+
+    float s[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+      const T* kr = ks + (8 * j + g) * kKStride;
+      if constexpr (P == Precision::kBf16) {
+        MmaBf16(s[j], qa, *reinterpret_cast<const uint32_t*>(kr + 2 * t),
+                *reinterpret_cast<const uint32_t*>(kr + 2 * t + 8));
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float2 kv = *reinterpret_cast<const float2*>(kr + 8 * h + 2 * t);
+          uint32_t h0, l0b, h1, l1b;
+          SplitTf32(kv.x, h0, l0b);
+          SplitTf32(kv.y, h1, l1b);
+          Mma3xTf32(s[j], qhi[h], qlo[h], h0, h1, l0b, l1b);
+        }
+      }
+    }
+    const uint64_t vis0 = VisibleWord(mask, L, num_keys, rr0, kb) |
+                          (uint64_t)VisibleWord(mask, L, num_keys, rr0, kb + 32) << 32;
+    const uint64_t vis1 = VisibleWord(mask, L, num_keys, rr1, kb) |
+                          (uint64_t)VisibleWord(mask, L, num_keys, rr1, kb + 32) << 32;
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * j + 2 * t + e;
+        s[j][e] = (vis0 >> col) & 1u ? s[j][e] * p.scale_log2 : -INFINITY;
+        s[j][2 + e] = (vis1 >> col) & 1u ? s[j][2 + e] * p.scale_log2 : -INFINITY;
+        mx0 = fmaxf(mx0, s[j][e]);
+        mx1 = fmaxf(mx1, s[j][2 + e]);
+      }
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float b0 = mn0 == -INFINITY ? 0.0f : mn0, b1 = mn1 == -INFINITY ? 0.0f : mn1;
+    const float al0 = exp2f(m0 - b0), al1 = exp2f(m1 - b1);
+    m0 = mn0;
+    m1 = mn1;
+    float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[j][e] = exp2f(s[j][e] - b0);
+        s[j][2 + e] = exp2f(s[j][2 + e] - b1);
+        rs0 += s[j][e];
+        rs1 += s[j][2 + e];
+      }
+    }
+    l0 = l0 * al0 + rs0;
+    l1 = l1 * al1 + rs1;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      o[n][0] *= al0;
+      o[n][1] *= al0;
+      o[n][2] *= al1;
+      o[n][3] *= al1;
+    }
+    if constexpr (P == Precision::kBf16) {
+#pragma unroll
+      for (int st = 0; st < 4; ++st) {
+        const uint32_t a[4] = {PackBf16(s[2 * st][0], s[2 * st][1]),
+                               PackBf16(s[2 * st][2], s[2 * st][3]),
+                               PackBf16(s[2 * st + 1][0], s[2 * st + 1][1]),
+                               PackBf16(s[2 * st + 1][2], s[2 * st + 1][3])};
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const T* vr = vt + (8 * n + g) * kVStride + 16 * st + 2 * t;
+          MmaBf16(o[n], a, *reinterpret_cast<const uint32_t*>(vr),
+                  *reinterpret_cast<const uint32_t*>(vr + 8));
+        }
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        uint32_t ahi[4], alo[4];
+        SplitTf32(s[u][0], ahi[0], alo[0]);
+        SplitTf32(s[u][2], ahi[1], alo[1]);
+        SplitTf32(s[u][1], ahi[2], alo[2]);
+        SplitTf32(s[u][3], ahi[3], alo[3]);
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const float2 vv = *reinterpret_cast<const float2*>(vt + (8 * n + g) * kVStride + 8 * u +
+                                                             2 * t);
+          uint32_t h0, lo0, h1, lo1;
+          SplitTf32(vv.x, h0, lo0);
+          SplitTf32(vv.y, h1, lo1);
+          Mma3xTf32(o[n], ahi, alo, h0, h1, lo0, lo1);
+        }
+      }
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+  const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+  T* out = static_cast<T*>(p.out) + base;
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    const int col = 8 * n + 2 * t;
+    if (r0 < num_keys) Store2(out + (size_t)r0 * p.dim + col, o[n][0] * inv0, o[n][1] * inv0);
+    if (r1 < num_keys) Store2(out + (size_t)r1 * p.dim + col, o[n][2] * inv1, o[n][3] * inv1);
+  }
+}
+
+constexpr int kAdaLnSamples = 16;
+
+__global__ void __launch_bounds__(256) AdaLnKernel(const AdaLnParams p) {
+  extern __shared__ float silu_y[];  // [kAdaLnSamples][D]
+  const int ls = blockIdx.x;         // layer * 2 + stream
+  const int b0 = blockIdx.y * kAdaLnSamples;
+  const int d = p.dim, n6 = 6 * p.dim;
+  for (int i = threadIdx.x; i < kAdaLnSamples * d; i += blockDim.x) {
+    const int b = b0 + i / d;
+    const float y = b < p.batch ? p.y[(size_t)b * d + i % d] : 0.0f;
+    silu_y[i] = y / (1.0f + expf(-y));
+  }
+  __syncthreads();
+  const float* w = p.w_t + (size_t)ls * d * n6;
+  for (int j = threadIdx.x; j < n6; j += blockDim.x) {
+    float acc[kAdaLnSamples];
+    const float bias = p.b[(size_t)ls * n6 + j];
+#pragma unroll
+    for (int s = 0; s < kAdaLnSamples; ++s) acc[s] = 0.0f;
+    for (int kk = 0; kk < d; ++kk) {
+      const float wv = __ldg(w + (size_t)kk * n6 + j);
+#pragma unroll
+      for (int s = 0; s < kAdaLnSamples; ++s) acc[s] = fmaf(wv, silu_y[s * d + kk], acc[s]);
+    }
+#pragma unroll
+    for (int s = 0; s < kAdaLnSamples; ++s) {
+      if (b0 + s < p.batch) {
+        p.mod[((size_t)(b0 + s) * p.num_layers * 2 + ls) * n6 + j] = acc[s] + bias;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+absl::Status LaunchAttention(const AttentionParams& params, Precision precision,
+                             int tile_queries, cudaStream_t stream) {
+  if (params.num_tiles == 0) return absl::OkStatus();
+  if (tile_queries != 64 && tile_queries != 128) {
+    return absl::UnimplementedError(
+        absl::StrCat("attention tiles of ", tile_queries, " queries; supported: 64, 128"));
+  }
+  const dim3 grid(params.num_tiles, params.dim / kHeadDim);
+  const int threads = 2 * tile_queries;  // a warp per 16 queries
+  if (precision == Precision::kBf16) {
+    AttentionKernel<Precision::kBf16><<<grid, threads, 0, stream>>>(params);
+  } else {
+    AttentionKernel<Precision::kFp32><<<grid, threads, 0, stream>>>(params);
+  }
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+absl::Status LaunchAdaLn(const AdaLnParams& params, cudaStream_t stream) {
+  if (params.batch == 0) return absl::OkStatus();
+  const dim3 grid(params.num_layers * 2, (params.batch + kAdaLnSamples - 1) / kAdaLnSamples);
+  const size_t smem = sizeof(float) * kAdaLnSamples * params.dim;
+  AdaLnKernel<<<grid, 256, smem, stream>>>(params);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace cuda
+}  // namespace mmdit

@@ -1,0 +1,369 @@
+// The row-local part of the layers, fused: one CTA owns a tile of 16 or 64 tokens of one stream
+// of one sample and keeps the tile on chip from the attention output to the next layer's q/k/v:
+// output projection + RMSNorm + gated residual, modulated LayerNorm + MLP (the F-wide hidden in
+// D-wide chunks in shared memory) + gated residual, modulated LayerNorm + q/k/v projection +
+// q/k RMSNorm + RoPE. Unfused, these GEMMs are bound by activation traffic at K = 128 (PERF.md:
+// 240 us per layer at B = 256 through cuBLAS); fused, a layer reads the attention output and the
+// residual once and writes the residual and q/k/v once.
+//
+// Eight warps; for each D-wide output pass every warp owns D/8 columns of all tile rows, so each
+// weight fragment is loaded once per CTA (from L2: the 14 MB of bf16 weights stay resident).
+#include <atomic>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/forward_kernels.h"
+#include "kernels/cuda/mma.cuh"
+
+namespace mmdit {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr float kLayerNormEps = 1e-6f;
+constexpr float kRmsNormEps = 1.1920929e-07f;
+
+template <Precision P, int kD, int kMT>
+struct RowShape {
+  using T = typename Prec<P>::T;
+  static constexpr int kM = 16 * kMT;     // tile rows
+  static constexpr int kNT = kD / 64;     // n8 tiles per warp in one D-wide pass
+  static constexpr int kXs = kD + 4;      // float32 row stride
+  static constexpr int kAs = kD + 8;      // operand row stride: conflict-free fragment loads
+  static constexpr int kCols = kD / 32;   // columns per lane in the row passes
+  static constexpr int kRowsPerWarp = kM / 8;
+  static constexpr size_t kSmemBytes =
+      2 * sizeof(float) * kM * kXs + 2 * sizeof(T) * kM * kAs;
+};
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <Precision P>
+__device__ __forceinline__ float Silu(float v) {
+  if constexpr (P == Precision::kBf16) {
+    return v / (1.0f + __expf(-v));
+  } else {
+    return v / (1.0f + expf(-v));
+  }
+}
+
+// acc[kMT][kNT] += A[tile rows][kD] (shared, stride kAs) x (W rows nt0*8.., columns ks0*16..)^T.
+template <Precision P, int kD, int kMT>
+__device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
+                                         const typename Prec<P>::T* as,
+                                         const typename Prec<P>::W* wf, int ks_total, int nt0,
+                                         int ks0) {
+  using S = RowShape<P, kD, kMT>;
+  constexpr int kNT = S::kNT;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll 2
+  for (int i = 0; i < kD / 16; ++i) {
+    if constexpr (P == Precision::kBf16) {
+      uint2 b[kNT];
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        b[n] = __ldg(wf + ((size_t)(nt0 + n) * ks_total + ks0 + i) * 32 + lane);
+      }
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) {
+        uint32_t a[4];
+        LdMatrixX4(a, as + (16 * m + (lane & 15)) * S::kAs + 16 * i + (lane >> 4) * 8);
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) MmaBf16(acc[m][n], a, b[n].x, b[n].y);
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float4 b[kNT];
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          b[n] = __ldg(wf + (((size_t)(nt0 + n) * ks_total + ks0 + i) * 2 + h) * 32 + lane);
+        }
+#pragma unroll
+        for (int m = 0; m < kMT; ++m) {
+          const float* r0 = as + (16 * m + g) * S::kAs + 16 * i + 8 * h + 2 * t;
+          const float2 v0 = *reinterpret_cast<const float2*>(r0);
+          const float2 v1 = *reinterpret_cast<const float2*>(r0 + 8 * S::kAs);
+          uint32_t ahi[4], alo[4];
+          SplitTf32(v0.x, ahi[0], alo[0]);
+          SplitTf32(v1.x, ahi[1], alo[1]);
+          SplitTf32(v0.y, ahi[2], alo[2]);
+          SplitTf32(v1.y, ahi[3], alo[3]);
+#pragma unroll
+          for (int n = 0; n < kNT; ++n) {
+            Mma3xTf32(acc[m][n], ahi, alo, __float_as_uint(b[n].x), __float_as_uint(b[n].y),
+                      __float_as_uint(b[n].z), __float_as_uint(b[n].w));
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int kMT, int kNT>
+__device__ __forceinline__ void ZeroAcc(float (&acc)[kMT][kNT][4]) {
+#pragma unroll
+  for (int m = 0; m < kMT; ++m)
+#pragma unroll
+    for (int n = 0; n < kNT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
+}
+
+// ss[row][col] = acc + bias[col] for this warp's columns.
+template <int kMT, int kNT, int kXs>
+__device__ __forceinline__ void StoreAcc(float* ss, const float (&acc)[kMT][kNT][4],
+                                         const float* bias, int warp) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int n = 0; n < kNT; ++n) {
+    const int col = (warp * kNT + n) * 8 + 2 * t;
+    const float b0 = __ldg(bias + col), b1 = __ldg(bias + col + 1);
+#pragma unroll
+    for (int m = 0; m < kMT; ++m) {
+      Store2(ss + (16 * m + g) * kXs + col, acc[m][n][0] + b0, acc[m][n][1] + b1);
+      Store2(ss + (16 * m + g + 8) * kXs + col, acc[m][n][2] + b0, acc[m][n][3] + b1);
+    }
+  }
+}
+
+// One row, kCols columns per lane from col0: out = LN(x) * (1 + scale) + shift.
+template <int kCols, typename T>
+__device__ __forceinline__ void LayerNormModulateRow(const float (&x)[kCols], const float* scale,
+                                                     const float* shift, int col0, T* out) {
+  constexpr float kInvD = 1.0f / (kCols * 32);
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) s += x[j];
+  const float mean = WarpSum(s) * kInvD;
+  float s2 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) s2 += (x[j] - mean) * (x[j] - mean);
+  const float rstd = rsqrtf(WarpSum(s2) * kInvD + kLayerNormEps);
+#pragma unroll
+  for (int j = 0; j < kCols; j += 2) {
+    const int c = col0 + j;
+    Store2(out + c, (x[j] - mean) * rstd * (1.0f + scale[c]) + shift[c],
+           (x[j + 1] - mean) * rstd * (1.0f + scale[c + 1]) + shift[c + 1]);
+  }
+}
+
+template <int kCols>
+__device__ __forceinline__ void RmsNormRow(float (&v)[kCols], const float* w, int col0) {
+  constexpr float kInvD = 1.0f / (kCols * 32);
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) s += v[j] * v[j];
+  const float r = rsqrtf(WarpSum(s) * kInvD + kRmsNormEps);
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) v[j] = v[j] * r * __ldg(w + col0 + j);
+}
+
+template <Precision P, int kD, int kMT>
+__global__ void __launch_bounds__(kThreads) RowKernel(const RowParams p) {
+  using S = RowShape<P, kD, kMT>;
+  using T = typename Prec<P>::T;
+  using W = typename Prec<P>::W;
+  constexpr int kM = S::kM, kNT = S::kNT, kXs = S::kXs, kAs = S::kAs, kCols = S::kCols;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* xs = reinterpret_cast<float*>(smem);  // residual tile
+  float* ss = xs + kM * kXs;                   // GEMM output before its row-wise epilogue
+  T* as = reinterpret_cast<T*>(ss + kM * kXs);  // GEMM operand
+  T* hs = as + kM * kAs;                        // MLP hidden chunk
+
+  const RowTile tile = p.tiles[blockIdx.x];
+  const SampleInfo si = p.samples[tile.sample];
+  const int tok0 = si.tok_off + (tile.stream ? si.seq_len : 0) + tile.row0;
+  const int rows = tile.rows;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int col0 = lane * kCols;
+
+  for (int i = threadIdx.x; i < kM * kD / 4; i += kThreads) {
+    const int r = i / (kD / 4), c = (i % (kD / 4)) * 4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < rows) v = *reinterpret_cast<const float4*>(p.x_src + (size_t)(tok0 + r) * kD + c);
+    *reinterpret_cast<float4*>(xs + r * kXs + c) = v;
+  }
+
+  float acc[kMT][kNT][4];
+  if (p.post_layer >= 0) {
+    const StreamWeightsDev& w = p.weights[p.post_layer * 2 + tile.stream];
+    const float* mod =
+        p.mod + ((size_t)(tile.sample * p.num_layers + p.post_layer) * 2 + tile.stream) * 6 * kD;
+    const T* attn = static_cast<const T*>(p.attn);
+    constexpr int kVec = 16 / sizeof(T);
+    for (int i = threadIdx.x; i < kM * kD / kVec; i += kThreads) {
+      const int r = i / (kD / kVec), c = (i % (kD / kVec)) * kVec;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (r < rows) v = *reinterpret_cast<const uint4*>(attn + (size_t)(tok0 + r) * kD + c);
+      *reinterpret_cast<uint4*>(as + r * kAs + c) = v;
+    }
+    __syncthreads();
+    ZeroAcc(acc);
+    WarpGemm<P, kD, kMT>(acc, as, static_cast<const W*>(w.out_w), kD / 16, warp * kNT, 0);
+    StoreAcc<kMT, kNT, kXs>(ss, acc, w.out_b, warp);
+    __syncthreads();
+    // RMSNorm of the projection, gated residual, modulated LayerNorm for the MLP.
+    for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
+      const int r = warp * S::kRowsPerWarp + rr;
+      float v[kCols], x[kCols];
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) v[j] = ss[r * kXs + col0 + j];
+      RmsNormRow<kCols>(v, w.out_rms, col0);
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        x[j] = xs[r * kXs + col0 + j] + v[j] * mod[2 * kD + col0 + j];
+        xs[r * kXs + col0 + j] = x[j];
+      }
+      LayerNormModulateRow<kCols>(x, mod + 3 * kD, mod + 4 * kD, col0, as + r * kAs);
+    }
+    __syncthreads();
+    float acc2[kMT][kNT][4];
+    ZeroAcc(acc2);
+    for (int fc = 0; fc < p.dim_ff / kD; ++fc) {
+      ZeroAcc(acc);
+      WarpGemm<P, kD, kMT>(acc, as, static_cast<const W*>(w.up_w), kD / 16,
+                           fc * (kD / 8) + warp * kNT, 0);
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        const int col = (warp * kNT + n) * 8 + 2 * t;
+        const float b0 = __ldg(w.up_b + fc * kD + col), b1 = __ldg(w.up_b + fc * kD + col + 1);
+#pragma unroll
+        for (int m = 0; m < kMT; ++m) {
+          Store2(hs + (16 * m + g) * kAs + col, Silu<P>(acc[m][n][0] + b0),
+                 Silu<P>(acc[m][n][1] + b1));
+          Store2(hs + (16 * m + g + 8) * kAs + col, Silu<P>(acc[m][n][2] + b0),
+                 Silu<P>(acc[m][n][3] + b1));
+        }
+      }
+      __syncthreads();
+      WarpGemm<P, kD, kMT>(acc2, hs, static_cast<const W*>(w.down_w), p.dim_ff / 16, warp * kNT,
+                           fc * (kD / 16));
+      __syncthreads();
+    }
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+      const int col = (warp * kNT + n) * 8 + 2 * t;
+      const float b0 = __ldg(w.down_b + col), b1 = __ldg(w.down_b + col + 1);
+      const float g0 = mod[5 * kD + col], g1 = mod[5 * kD + col + 1];
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) {
+        float* x0 = xs + (16 * m + g) * kXs + col;
+        float* x1 = x0 + 8 * kXs;
+        x0[0] += (acc2[m][n][0] + b0) * g0;
+        x0[1] += (acc2[m][n][1] + b1) * g1;
+        x1[0] += (acc2[m][n][2] + b0) * g0;
+        x1[1] += (acc2[m][n][3] + b1) * g1;
+      }
+    }
+    __syncthreads();
+    if (p.x_dst != nullptr) {
+      for (int i = threadIdx.x; i < kM * kD / 4; i += kThreads) {
+        const int r = i / (kD / 4), c = (i % (kD / 4)) * 4;
+        if (r < rows) {
+          *reinterpret_cast<float4*>(p.x_dst + (size_t)(tok0 + r) * kD + c) =
+              *reinterpret_cast<const float4*>(xs + r * kXs + c);
+        }
+      }
+    }
+  }
+
+  if (p.qkv_layer >= 0) {
+    const StreamWeightsDev& w = p.weights[p.qkv_layer * 2 + tile.stream];
+    const float* mod =
+        p.mod + ((size_t)(tile.sample * p.num_layers + p.qkv_layer) * 2 + tile.stream) * 6 * kD;
+    for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
+      const int r = warp * S::kRowsPerWarp + rr;
+      float x[kCols];
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) x[j] = xs[r * kXs + col0 + j];
+      LayerNormModulateRow<kCols>(x, mod, mod + kD, col0, as + r * kAs);
+    }
+    __syncthreads();
+    T* const dst[3] = {static_cast<T*>(p.q), static_cast<T*>(p.k), static_cast<T*>(p.v)};
+    for (int c = 0; c < 3; ++c) {
+      ZeroAcc(acc);
+      WarpGemm<P, kD, kMT>(acc, as, static_cast<const W*>(w.qkv_w), kD / 16,
+                           c * (kD / 8) + warp * kNT, 0);
+      StoreAcc<kMT, kNT, kXs>(ss, acc, w.qkv_b + c * kD, warp);
+      __syncthreads();
+      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
+        const int r = warp * S::kRowsPerWarp + rr;
+        if (r >= rows) break;  // warp-uniform
+        float v[kCols];
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) v[j] = ss[r * kXs + col0 + j];
+        if (c < 2) {
+          RmsNormRow<kCols>(v, c == 0 ? w.rms_q : w.rms_k, col0);
+          if (tile.stream == 0) {
+            const float pos = static_cast<float>(si.start_pos + tile.row0 + r);
+#pragma unroll
+            for (int j = 0; j < kCols; j += 2) {
+              const int pair = ((col0 + j) % kHeadDim) / 2;
+              float sn, cs;
+              sincosf(pos * p.inv_freq[pair], &sn, &cs);
+              const float a = v[j], b = v[j + 1];
+              v[j] = a * cs - b * sn;
+              v[j + 1] = a * sn + b * cs;
+            }
+          }
+        }
+        T* out = dst[c] + (size_t)(tok0 + r) * kD + col0;
+#pragma unroll
+        for (int j = 0; j < kCols; j += 2) Store2(out + j, v[j], v[j + 1]);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Raises the dynamic shared-memory limit of `func` once per device.
+absl::Status AllowSmem(const void* func, size_t bytes, std::atomic<uint64_t>& done) {
+  int device = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  const uint64_t bit = uint64_t{1} << (device & 63);
+  if (done.load(std::memory_order_acquire) & bit) return absl::OkStatus();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(bytes)));
+  done.fetch_or(bit, std::memory_order_acq_rel);
+  return absl::OkStatus();
+}
+
+template <Precision P, int kD, int kMT>
+absl::Status LaunchRowT(const RowParams& params, cudaStream_t stream) {
+  static std::atomic<uint64_t> smem_set{0};
+  constexpr size_t kSmem = RowShape<P, kD, kMT>::kSmemBytes;
+  const void* func = reinterpret_cast<const void*>(&RowKernel<P, kD, kMT>);
+  if (absl::Status s = AllowSmem(func, kSmem, smem_set); !s.ok()) return s;
+  RowKernel<P, kD, kMT><<<params.num_tiles, kThreads, kSmem, stream>>>(params);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status LaunchRow(const RowParams& params, Precision precision, int dim, int tile_rows,
+                       cudaStream_t stream) {
+  if (params.num_tiles == 0) return absl::OkStatus();
+  const bool bf16 = precision == Precision::kBf16;
+  if (dim == 128 && tile_rows == 64) {
+    return bf16 ? LaunchRowT<Precision::kBf16, 128, 4>(params, stream)
+                : LaunchRowT<Precision::kFp32, 128, 4>(params, stream);
+  }
+  if (dim == 128 && tile_rows == 16) {
+    return bf16 ? LaunchRowT<Precision::kBf16, 128, 1>(params, stream)
+                : LaunchRowT<Precision::kFp32, 128, 1>(params, stream);
+  }
+  if (dim == 64 && tile_rows == 64) {
+    return bf16 ? LaunchRowT<Precision::kBf16, 64, 4>(params, stream)
+                : LaunchRowT<Precision::kFp32, 64, 4>(params, stream);
+  }
+  return absl::UnimplementedError(absl::StrCat("no row kernel for dim ", dim, " and tiles of ",
+                                               tile_rows, " rows"));
+}
+
+}  // namespace cuda
+}  // namespace mmdit
