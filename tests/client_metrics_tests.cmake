@@ -11,3 +11,8 @@ mmdit_add_test(prometheus_scrape_test
   SOURCES prometheus_scrape_test.cc
   LIBS mmdit_metrics mmdit_http nlohmann_json::nlohmann_json absl::strings absl::time
   LABELS metrics)
+mmdit_add_test(client_test
+  SOURCES client_test.cc
+  LIBS mmdit_client mmdit_server mmdit_test_util
+  LABELS client)
+add_dependencies(client_test mmdit-client)
