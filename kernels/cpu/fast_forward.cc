@@ -18,8 +18,9 @@
 namespace mmdit {
 namespace cpu_fast {
 
-void Gemm(int m, int n, int k, const float* a, const float* w, float* c) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, a, k, w, k, 0.0f, c, n);
+void Gemm(int m, int n, int k, const float* a, const float* w_t, float* c) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, a, k, w_t, n, 0.0f, c,
+              n);
 }
 
 size_t ScratchFloats(const ModelParams& model, int rows) {
@@ -45,8 +46,8 @@ constexpr int kPlannedTokensPerSample = 256;
 // where there are enough tasks to go round.
 constexpr int kMaxRowsPerTask = 128;
 constexpr int kMinRowsPerTask = 32;
-// Queries of one head per attention task.
-constexpr int kQueriesPerTask = 128;
+// Fewest queries of one head per attention task.
+constexpr int kMinQueriesPerTask = 64;
 
 // OpenBLAS threads inside our own threads would oversubscribe the cores (several CPU workers
 // each running `threads` threads): every GEMM here is issued single-threaded from a task.
@@ -104,8 +105,16 @@ class CpuFastForward::Impl {
   std::vector<float> adaln_w;  // [N * 2 * 6D, D]: every layer's modulation in one GEMM
   std::vector<float> adaln_b;  // [N * 2 * 6D]
   std::vector<float> rope_cos, rope_sin;
+  std::vector<std::vector<float>> transposed;  // Linear weights as [in, out]
+  const float* Transposed(const std::vector<float>& w, int out, int in) {
+    std::vector<float>& t = transposed.emplace_back(w.size());
+    for (int o = 0; o < out; ++o) {
+      for (int i = 0; i < in; ++i) t[static_cast<size_t>(i) * out + o] = w[static_cast<size_t>(o) * in + i];
+    }
+    return t.data();
+  }
 
-  Workspace attention;  // q, kt, v, att of every sample
+  Workspace attention;  // q, k, v, att of every sample
   Workspace scratch;    // per thread, ScratchFloats(kMaxRowsPerTask)
   size_t scratch_floats = 0;
   std::vector<float> silu_y, modulation;
@@ -139,6 +148,7 @@ absl::StatusOr<std::unique_ptr<CpuFastForward>> CpuFastForward::Create(
   }
 
   auto impl = std::make_unique<Impl>();
+  impl->transposed.reserve(static_cast<size_t>(n) * 2 * 4);  // pointers into it must stay put
   impl->weights = weights;
   impl->max_batch_size = options.max_batch_size;
   impl->kernels = &SelectKernels();
@@ -168,9 +178,11 @@ absl::StatusOr<std::unique_ptr<CpuFastForward>> CpuFastForward::Create(
       }
       std::copy(w.adaln_w.begin(), w.adaln_w.end(), impl->adaln_w.begin() + ls * 6 * d * d);
       std::copy(w.adaln_b.begin(), w.adaln_b.end(), impl->adaln_b.begin() + ls * 6 * d);
-      p.streams.push_back({w.qkv_w.data(), w.qkv_b.data(), w.rms_q.data(), w.rms_k.data(),
-                           w.out_w.data(), w.out_b.data(), w.out_rms.data(), w.mlp_up_w.data(),
-                           w.mlp_up_b.data(), w.mlp_down_w.data(), w.mlp_down_b.data()});
+      p.streams.push_back({impl->Transposed(w.qkv_w, 3 * d, d), w.qkv_b.data(), w.rms_q.data(),
+                           w.rms_k.data(), impl->Transposed(w.out_w, d, d), w.out_b.data(),
+                           w.out_rms.data(), impl->Transposed(w.mlp_up_w, f, d),
+                           w.mlp_up_b.data(), impl->Transposed(w.mlp_down_w, d, f),
+                           w.mlp_down_b.data()});
     }
   }
 
@@ -231,6 +243,13 @@ absl::Status CpuFastForward::Impl::Run(ForwardBatch batch) {
     total_rows += static_cast<int>(t);
   }
   float* ws = attention.Reserve(floats);
+  size_t max_tpad = 0;
+  for (const ForwardSample& fs : batch) {
+    max_tpad = std::max<size_t>(max_tpad, fs.seq_len + fs.context_len);
+  }
+  max_tpad = (max_tpad + cpu_fast::kKeyBlock - 1) / cpu_fast::kKeyBlock * cpu_fast::kKeyBlock;
+  scratch_floats = std::max(scratch_floats, RoundUp16(max_tpad * params.head_dim));
+  scratch.Reserve(scratch_floats * pool->num_threads());
   visible.resize(visible_bytes);
   samples.resize(b);
   size_t vis_off = 0;
@@ -250,7 +269,7 @@ absl::Status CpuFastForward::Impl::Run(ForwardBatch batch) {
     const size_t t = s.tokens, tpad = s.tokens_padded, l = s.seq_len;
     s.q = ws;
     ws += RoundUp16(t * d);
-    s.kt = ws;
+    s.k = ws;
     ws += RoundUp16(tpad * d);
     s.v = ws;
     ws += RoundUp16(tpad * d);
@@ -258,9 +277,8 @@ absl::Status CpuFastForward::Impl::Run(ForwardBatch batch) {
     ws += RoundUp16(t * d);
     // Padded keys: zero K and V so that masked lanes can never carry NaN from old memory.
     for (int h = 0; h < heads; ++h) {
-      for (int j = 0; j < params.head_dim; ++j) {
-        std::fill_n(s.kt + (static_cast<size_t>(h) * params.head_dim + j) * tpad + t, tpad - t, 0.0f);
-      }
+      std::fill_n(s.k + (static_cast<size_t>(h) * tpad + t) * params.head_dim,
+                  (tpad - t) * params.head_dim, 0.0f);
       std::fill_n(s.v + (static_cast<size_t>(h) * tpad + t) * params.head_dim,
                   (tpad - t) * params.head_dim, 0.0f);
     }
@@ -308,7 +326,10 @@ absl::Status CpuFastForward::Impl::Run(ForwardBatch batch) {
         row_tasks.push_back({&s, st, r0, r1 - r0, -1, 0});
       }
     }
-    const int pieces = (s.tokens + kQueriesPerTask - 1) / kQueriesPerTask;
+    // Each task transposes its head's keys once, so heads are split only when there are too
+    // few (sample, head) pairs to keep every thread busy.
+    const int pieces = std::clamp((2 * threads + b * heads - 1) / (b * heads), 1,
+                                  (s.tokens + kMinQueriesPerTask - 1) / kMinQueriesPerTask);
     for (int h = 0; h < heads; ++h) {
       for (int k = 0; k < pieces; ++k) {
         // Split on multiples of the query tile so only the last piece has a ragged end.
@@ -352,7 +373,10 @@ absl::Status CpuFastForward::Impl::Run(ForwardBatch batch) {
   run_rows(-1);
   for (int l = 0; l < n; ++l) {
     pool->ParallelFor(static_cast<int>(attention_tasks.size()),
-                      [&](int k, int) { kernels->run_attention(params, attention_tasks[k]); });
+                      [&](int k, int thread) {
+                        kernels->run_attention(params, attention_tasks[k],
+                                               scratch_base + thread * scratch_floats);
+                      });
     run_rows(l);
   }
   return absl::OkStatus();

@@ -9,18 +9,19 @@
 
 namespace mmdit::cpu_fast {
 
-// One stream (x or context) of one layer, pointing into weights the forward owns.
+// One stream (x or context) of one layer, pointing into weights the forward owns. Linear
+// weights are stored transposed, [in, out].
 struct StreamParams {
-  const float* qkv_w;       // [3D, D]
+  const float* qkv_w;       // [D, 3D]
   const float* qkv_b;       // [3D]
   const float* rms_q;       // [D]
   const float* rms_k;       // [D]
   const float* out_w;       // [D, D]
   const float* out_b;       // [D]
   const float* out_rms;     // [D]
-  const float* mlp_up_w;    // [F, D]
+  const float* mlp_up_w;    // [D, F]
   const float* mlp_up_b;    // [F]
-  const float* mlp_down_w;  // [D, F]
+  const float* mlp_down_w;  // [F, D]
   const float* mlp_down_b;  // [D]
 };
 
@@ -35,7 +36,10 @@ struct ModelParams {
 // Keys are processed in blocks of this many; K and V rows are padded to a multiple of it.
 inline constexpr int kKeyBlock = 16;
 // Query rows per attention micro-tile.
-inline constexpr int kQueryTile = 4;
+#ifndef MMDIT_QUERY_TILE
+#define MMDIT_QUERY_TILE 4
+#endif
+inline constexpr int kQueryTile = MMDIT_QUERY_TILE;
 
 // One sample's place in the batch and its attention workspace.
 struct SampleWork {
@@ -47,7 +51,7 @@ struct SampleWork {
   float* context_res = nullptr;    // [C, D] (the caller's context_out)
   const float* modulation = nullptr;  // [N, 2, 6D]
   float* q = nullptr;    // [H, T, Dh]     x tokens then context tokens, pre-scaled by q_scale
-  float* kt = nullptr;   // [H, Dh, Tpad]  keys transposed so 16 keys fill a vector
+  float* k = nullptr;    // [H, Tpad, Dh]
   float* v = nullptr;    // [H, Tpad, Dh]
   float* att = nullptr;  // [T, D]         attention output, heads merged
   // Key visibility (nonzero = visible), rows of Tpad bytes with zeros past T. Without a mask
@@ -70,7 +74,8 @@ struct RowTask {
   int layer_done, layer_next;
 };
 
-// Queries [query0, query0 + queries) of one head of one sample, over all its keys.
+// Queries [query0, query0 + queries) of one head of one sample, over all its keys. Needs
+// head_dim * tokens_padded floats of scratch (the head's keys, transposed).
 struct AttentionTask {
   SampleWork* sample;
   int head;
@@ -79,12 +84,12 @@ struct AttentionTask {
 
 size_t ScratchFloats(const ModelParams& model, int rows);
 
-// Row-major C[m, n] = A[m, k] · W[n, k]ᵀ, W in PyTorch Linear layout; single-threaded BLAS.
-void Gemm(int m, int n, int k, const float* a, const float* w, float* c);
+// Row-major C[m, n] = A[m, k] · Wt[k, n] (a Linear weight transposed); single-threaded BLAS.
+void Gemm(int m, int n, int k, const float* a, const float* w_t, float* c);
 
 struct Kernels {
   void (*run_rows)(const ModelParams& model, const RowTask& task, float* scratch);
-  void (*run_attention)(const ModelParams& model, const AttentionTask& task);
+  void (*run_attention)(const ModelParams& model, const AttentionTask& task, float* scratch);
   // modulation[s] = W · silu(y[s]) + b for `samples` rows of y (D each) into [samples, out].
   void (*silu_rows)(const float* in, int n, float* out);
   const char* name;
