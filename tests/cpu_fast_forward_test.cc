@@ -1,0 +1,273 @@
+// The CPU fast forward against the shared fixtures (float64 outputs of the original) and against
+// the reference forward on random ragged batches. The fast path is written from MODEL.md apart
+// from the reference, so agreement also checks the reference.
+#include "kernels/cpu/fast_forward.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/reference_forward.h"
+#include "kernels/model_weights.h"
+#include "tests/test_util.h"
+
+namespace mmdit {
+namespace {
+
+using ::mmdit::testing::Fixture;
+using ::mmdit::testing::FixtureNames;
+using ::mmdit::testing::FixtureSamples;
+using ::mmdit::testing::LoadFixture;
+using ::mmdit::testing::RelativeError;
+
+constexpr double kFp32Tolerance = 1e-5;
+
+enum class MaskKind { kNone, kRandom, kCausal, kSparse };
+
+// A ragged batch that owns its memory; outputs start as NaN so unwritten rows show.
+struct Batch {
+  std::vector<std::vector<float>> x, y, context, x_out, context_out;
+  std::vector<std::vector<uint8_t>> masks;
+  std::vector<ForwardSample> samples;
+
+  void Poison() {
+    for (auto& v : x_out) std::fill(v.begin(), v.end(), NAN);
+    for (auto& v : context_out) std::fill(v.begin(), v.end(), NAN);
+  }
+  std::vector<float> AllOutputs() const {
+    std::vector<float> all;
+    for (const auto& v : x_out) all.insert(all.end(), v.begin(), v.end());
+    for (const auto& v : context_out) all.insert(all.end(), v.begin(), v.end());
+    return all;
+  }
+};
+
+Batch MakeBatch(int d, const std::vector<std::pair<int, int>>& lengths, MaskKind mask,
+                uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Batch batch;
+  const size_t n = lengths.size();
+  batch.x.resize(n), batch.y.resize(n), batch.context.resize(n);
+  batch.x_out.resize(n), batch.context_out.resize(n), batch.masks.resize(n);
+  batch.samples.resize(n);
+  for (size_t b = 0; b < n; ++b) {
+    const auto [l, c] = lengths[b];
+    auto fill = [&](std::vector<float>& v, size_t count) {
+      v.resize(count);
+      for (float& e : v) e = normal(rng);
+    };
+    fill(batch.x[b], static_cast<size_t>(l) * d);
+    fill(batch.y[b], d);
+    fill(batch.context[b], static_cast<size_t>(c) * d);
+    batch.x_out[b].assign(static_cast<size_t>(l) * d, NAN);
+    batch.context_out[b].assign(static_cast<size_t>(c) * d, NAN);
+    auto& m = batch.masks[b];
+    if (mask != MaskKind::kNone) {
+      m.assign(static_cast<size_t>(l) * l, 0);
+      for (int i = 0; i < l; ++i) {
+        for (int j = 0; j < l; ++j) {
+          uint8_t v = 0;
+          switch (mask) {
+            case MaskKind::kRandom: v = rng() % 10 < 7; break;
+            case MaskKind::kCausal: v = j <= i; break;
+            // Most keys invisible to every query: context queries then see few x keys.
+            case MaskKind::kSparse: v = (j % 5 == 0) && rng() % 2 == 0; break;
+            case MaskKind::kNone: break;
+          }
+          m[static_cast<size_t>(i) * l + j] = v;
+        }
+        if (mask != MaskKind::kCausal) m[static_cast<size_t>(i) * l + (i % 5 == 0 ? i : 0)] = 1;
+      }
+    }
+    ForwardSample& s = batch.samples[b];
+    s.seq_len = l;
+    s.context_len = c;
+    s.x = batch.x[b].data();
+    s.y = batch.y[b].data();
+    s.context = batch.context[b].data();
+    s.attn_mask = mask != MaskKind::kNone ? m.data() : nullptr;
+    s.start_pos = static_cast<int64_t>(rng() % 200);
+    s.x_out = batch.x_out[b].data();
+    s.context_out = batch.context_out[b].data();
+  }
+  return batch;
+}
+
+MmditConfig Config(int dim, int heads, int ff, int layers) {
+  MmditConfig config;
+  config.dim = dim;
+  config.num_heads = heads;
+  config.dim_feedforward = ff;
+  config.num_layers = layers;
+  config.max_seq_len = 512;
+  return config;
+}
+
+// Runs `lengths` through the reference and the fast path and returns the relative error.
+double CompareWithReference(const ModelWeights& weights, CpuFastForward& fast,
+                            const std::vector<std::pair<int, int>>& lengths, MaskKind mask,
+                            uint64_t seed) {
+  Batch ref = MakeBatch(weights.config.dim, lengths, mask, seed);
+  Batch got = MakeBatch(weights.config.dim, lengths, mask, seed);
+  EXPECT_TRUE(ReferenceForward(weights, ref.samples).ok());
+  got.Poison();
+  const absl::Status st = fast.Run(got.samples);
+  EXPECT_TRUE(st.ok()) << st;
+  const std::vector<float> out = got.AllOutputs();
+  for (float v : out) {
+    if (!std::isfinite(v)) {
+      ADD_FAILURE() << "non-finite output";
+      return 1.0;
+    }
+  }
+  return RelativeError(out, ref.AllOutputs());
+}
+
+std::unique_ptr<CpuFastForward> MakeFast(const ModelWeights& weights, int threads,
+                                         int max_batch_size) {
+  CpuForwardOptions options;
+  options.threads = threads;
+  options.max_batch_size = max_batch_size;
+  auto fast = CpuFastForward::Create(weights, options);
+  EXPECT_TRUE(fast.ok()) << fast.status();
+  return fast.ok() ? std::move(*fast) : nullptr;
+}
+
+// Both instruction-set variants: the one this CPU picks, and the generic one every x86-64 runs.
+class CpuFastForwardTest : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    if (GetParam()) {
+      setenv("MMDIT_CPU_KERNELS", "generic", 1);
+    } else {
+      unsetenv("MMDIT_CPU_KERNELS");
+    }
+  }
+  void TearDown() override { unsetenv("MMDIT_CPU_KERNELS"); }
+};
+
+TEST_P(CpuFastForwardTest, MatchesFixtures) {
+  for (const std::string& name : FixtureNames()) {
+    SCOPED_TRACE(name);
+    const Fixture f = LoadFixture(name);
+    auto fast = MakeFast(f.weights, 2, f.batch);
+    ASSERT_NE(fast, nullptr);
+    std::vector<float> x_out, context_out;
+    const std::vector<ForwardSample> samples = FixtureSamples(f, x_out, context_out);
+    std::fill(x_out.begin(), x_out.end(), NAN);
+    std::fill(context_out.begin(), context_out.end(), NAN);
+    ASSERT_TRUE(fast->Run(samples).ok());
+    const double ex = RelativeError(x_out, f.x_out_f64);
+    const double ec = RelativeError(context_out, f.context_out_f64);
+    EXPECT_LE(ex, kFp32Tolerance) << "x_out";
+    EXPECT_LE(ec, kFp32Tolerance) << "context_out";
+    std::printf("fixture %s: x_out rel err %.3g, context_out rel err %.3g\n", name.c_str(), ex,
+                ec);
+  }
+}
+
+TEST_P(CpuFastForwardTest, MatchesReferenceOnRaggedBatches) {
+  struct Case {
+    MmditConfig config;
+    std::vector<std::pair<int, int>> lengths;
+    MaskKind mask;
+    int threads;
+  };
+  const std::vector<Case> cases = {
+      // Dh = 16 (the target's head dim: the vectorised attention tile).
+      {Config(64, 4, 96, 2), {{1, 1}}, MaskKind::kNone, 2},
+      {Config(64, 4, 96, 2), {{1, 1}}, MaskKind::kRandom, 1},
+      {Config(64, 4, 96, 2), {{7, 1}, {1, 9}, {33, 5}, {2, 2}, {16, 16}}, MaskKind::kNone, 2},
+      {Config(64, 4, 96, 2), {{7, 1}, {1, 9}, {33, 5}, {2, 2}, {16, 16}}, MaskKind::kRandom, 3},
+      {Config(64, 4, 96, 2), {{45, 3}, {13, 17}, {31, 1}}, MaskKind::kCausal, 2},
+      {Config(64, 4, 96, 2), {{45, 3}, {13, 17}, {31, 1}}, MaskKind::kSparse, 2},
+      {Config(128, 8, 256, 1),
+       {{3, 2}, {5, 1}, {1, 3}, {9, 4}, {2, 7}, {4, 4}, {6, 1}, {1, 1},
+        {11, 2}, {3, 3}, {8, 5}, {2, 1}, {7, 7}, {1, 2}, {5, 5}, {10, 1}},
+       MaskKind::kRandom, 2},
+      {Config(128, 8, 512, 1), {{186, 64}}, MaskKind::kNone, 2},
+      // Other head dims go through the general attention loop.
+      {Config(32, 4, 64, 2), {{5, 3}, {19, 1}, {1, 6}}, MaskKind::kRandom, 2},
+      {Config(64, 2, 128, 2), {{5, 3}, {19, 1}, {1, 6}}, MaskKind::kCausal, 2},
+      {Config(24, 2, 40, 3), {{9, 2}, {1, 1}}, MaskKind::kNone, 2},
+  };
+  uint64_t seed = 1;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "D=" << c.config.dim << " H=" << c.config.num_heads
+                                    << " B=" << c.lengths.size() << " mask="
+                                    << static_cast<int>(c.mask) << " threads=" << c.threads);
+    const ModelWeights weights = ModelWeights::Deterministic(c.config, seed);
+    auto fast = MakeFast(weights, c.threads, static_cast<int>(c.lengths.size()));
+    ASSERT_NE(fast, nullptr);
+    const double err = CompareWithReference(weights, *fast, c.lengths, c.mask, seed);
+    EXPECT_LE(err, kFp32Tolerance);
+    std::printf("D=%d H=%d B=%zu mask=%d: rel err %.3g\n", c.config.dim, c.config.num_heads,
+                c.lengths.size(), static_cast<int>(c.mask), err);
+    ++seed;
+  }
+}
+
+// One instance serves batches of changing shapes: the workspace grows when needed, and a
+// smaller batch after a larger one still writes every output.
+TEST_P(CpuFastForwardTest, ReusedAcrossShapes) {
+  const MmditConfig config = Config(64, 4, 96, 2);
+  const ModelWeights weights = ModelWeights::Deterministic(config, 7);
+  auto fast = MakeFast(weights, 2, 4);
+  ASSERT_NE(fast, nullptr);
+  const std::vector<std::vector<std::pair<int, int>>> shapes = {
+      {{3, 2}}, {{300, 40}, {2, 100}}, {{5, 5}, {1, 1}, {9, 2}, {4, 3}}, {{1, 1}}};
+  uint64_t seed = 100;
+  for (const auto& lengths : shapes) {
+    for (MaskKind mask : {MaskKind::kNone, MaskKind::kRandom}) {
+      EXPECT_LE(CompareWithReference(weights, *fast, lengths, mask, seed++), kFp32Tolerance);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, CpuFastForwardTest, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return info.param ? "Generic" : "Native";
+                         });
+
+TEST(CpuFastForwardErrorsTest, RejectsBadOptions) {
+  const ModelWeights weights = ModelWeights::Deterministic(Config(32, 4, 64, 1), 1);
+  CpuForwardOptions options;
+  options.max_batch_size = 0;
+  EXPECT_EQ(CpuFastForward::Create(weights, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  options.max_batch_size = 1;
+  options.threads = -1;
+  EXPECT_EQ(CpuFastForward::Create(weights, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CpuFastForwardErrorsTest, RejectsBadBatchesWithoutWriting) {
+  const MmditConfig config = Config(32, 4, 64, 1);
+  const ModelWeights weights = ModelWeights::Deterministic(config, 1);
+  auto fast = MakeFast(weights, 2, 2);
+  ASSERT_NE(fast, nullptr);
+
+  Batch too_many = MakeBatch(config.dim, {{2, 2}, {2, 2}, {2, 2}}, MaskKind::kNone, 3);
+  EXPECT_EQ(fast->Run(too_many.samples).code(), absl::StatusCode::kInvalidArgument);
+
+  // A mask row with no visible key, and a position past max_seq_len.
+  Batch bad = MakeBatch(config.dim, {{3, 1}, {4, 2}}, MaskKind::kCausal, 4);
+  bad.masks[1][1 * 4 + 0] = 0;
+  bad.masks[1][1 * 4 + 1] = 0;
+  EXPECT_EQ(fast->Run(bad.samples).code(), absl::StatusCode::kInvalidArgument);
+  Batch far = MakeBatch(config.dim, {{3, 1}}, MaskKind::kNone, 5);
+  far.samples[0].start_pos = config.max_seq_len - 2;
+  EXPECT_EQ(fast->Run(far.samples).code(), absl::StatusCode::kInvalidArgument);
+  for (const Batch* b : {&bad, &far}) {
+    for (float v : b->AllOutputs()) ASSERT_TRUE(std::isnan(v));
+  }
+}
+
+}  // namespace
+}  // namespace mmdit
