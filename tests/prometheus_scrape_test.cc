@@ -17,9 +17,12 @@
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "client/inference_client.h"
 #include "server/http_server.h"
+#include "server/server.h"
 #include "server/server_metrics.h"
 #include "tests/http_get.h"
+#include "tests/test_util.h"
 
 namespace mmdit {
 namespace {
@@ -176,6 +179,57 @@ TEST(PrometheusScrapeTest, QueryReturnsRecordedValues) {
 
   prometheus.Stop();
   (*http)->Shutdown();
+}
+
+TEST(PrometheusScrapeTest, ScrapesTheRealServer) {
+  ASSERT_EQ(access(kPrometheus, X_OK), 0) << kPrometheus << " is missing";
+  const testing::Fixture fixture = testing::LoadFixture("small");
+  const std::string repo = testing::MakeTempDir("prometheus_scrape_repo");
+  testing::WriteModelRepository(repo, "mmdit", fixture.config, fixture.weights_path(), 8);
+  Server::Options options;
+  options.model_repository = repo;
+  options.address = "127.0.0.1";
+  options.grpc_port = 0;
+  options.http_port = 0;
+  options.cpu_threads = 1;
+  auto server = Server::Create(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+
+  InferenceClient::Options client_options;
+  client_options.address = absl::StrCat("127.0.0.1:", (*server)->grpc_port());
+  auto client = InferenceClient::Create(client_options);
+  ASSERT_TRUE(client.ok());
+  const int D = fixture.config.dim;
+  auto floats = [](const std::string& name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    InferTensor t{name, "FP32", std::move(shape), std::string(n * sizeof(float), '\0')};
+    return t;
+  };
+  const std::vector<InferTensor> inputs = {floats("x", {2, 3, D}), floats("y", {2, 1, D}),
+                                           floats("context", {2, 2, D})};
+  for (int i = 0; i < 3; ++i) {
+    auto outputs = (*client)->Infer("mmdit", inputs, TensorEncoding::kRaw, absl::Seconds(60));
+    ASSERT_TRUE(outputs.ok()) << outputs.status();
+  }
+
+  PrometheusProcess prometheus;
+  const int web_port = testing::FreeLoopbackPort();
+  ASSERT_GT(web_port, 0);
+  ASSERT_TRUE(prometheus.Start(web_port, (*server)->http_port()));
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  std::string samples, ready;
+  while (absl::Now() < deadline && prometheus.Running()) {
+    samples = prometheus.QueryValue("mmdit_inference_count_total{model=\"mmdit\"}");
+    ready = prometheus.QueryValue("mmdit_model_load_state{model=\"mmdit\",state=\"ready\"}");
+    if (samples == "6" && ready == "1") break;
+    absl::SleepFor(absl::Milliseconds(250));
+  }
+  EXPECT_EQ(samples, "6") << prometheus.Log();
+  EXPECT_EQ(ready, "1");
+  prometheus.Stop();
+  (*server)->Shutdown(absl::Seconds(10));
 }
 
 }  // namespace
