@@ -16,9 +16,10 @@ namespace mmdit {
 namespace cuda {
 namespace {
 
-constexpr int kKeyBlock = 64;
-constexpr int kKStride = 24;  // conflict-free K fragment loads (see mma.cuh)
-constexpr int kVStride = 72;  // V^T rows
+constexpr int kKeyBlock = 64;    // keys per score block in registers
+constexpr int kStageKeys = 256;  // keys per trip through shared memory: 4 blocks per barrier pair
+constexpr int kKStride = 24;     // conflict-free K fragment loads (see mma.cuh)
+constexpr int kVStride = kStageKeys + 8;  // V^T rows, conflict-free for bf16 and float
 
 // Bits i of the result: key base + i is visible from joint query row r (MODEL.md step 6).
 __device__ __forceinline__ uint32_t RangeBits(int base, int lo, int hi) {
@@ -46,7 +47,7 @@ __device__ __forceinline__ uint32_t VisibleWord(const uint32_t* mask, int L, int
 template <Precision P>
 __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) {
   using T = typename Prec<P>::T;
-  __shared__ __align__(16) T ks[kKeyBlock * kKStride];
+  __shared__ __align__(16) T ks[kStageKeys * kKStride];
   __shared__ __align__(16) T vt[kHeadDim * kVStride];
 
   const AttnTile tile = p.tiles[blockIdx.x];
@@ -85,14 +86,14 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
   float o[2][4] = {};
   constexpr int kVec = 16 / sizeof(T);
-  for (int kb = 0; kb < num_keys; kb += kKeyBlock) {
+  for (int kstage = 0; kstage < num_keys; kstage += kStageKeys) {
     __syncthreads();
-    for (int i = threadIdx.x; i < kKeyBlock * kHeadDim / kVec; i += blockDim.x) {
+    for (int i = threadIdx.x; i < kStageKeys * kHeadDim / kVec; i += blockDim.x) {
       const int j = i / (kHeadDim / kVec), c = (i % (kHeadDim / kVec)) * kVec;
       uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = make_uint4(0u, 0u, 0u, 0u);
-      if (kb + j < num_keys) {
-        kv = *reinterpret_cast<const uint4*>(k + (size_t)(kb + j) * p.dim + c);
-        vv = *reinterpret_cast<const uint4*>(v + (size_t)(kb + j) * p.dim + c);
+      if (kstage + j < num_keys) {
+        kv = *reinterpret_cast<const uint4*>(k + (size_t)(kstage + j) * p.dim + c);
+        vv = *reinterpret_cast<const uint4*>(v + (size_t)(kstage + j) * p.dim + c);
       }
       *reinterpret_cast<uint4*>(ks + j * kKStride + c) = kv;
       const T* ve = reinterpret_cast<const T*>(&vv);
@@ -101,12 +102,13 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
     }
     __syncthreads();
     if (!active) continue;
-
+  for (int kb = kstage; kb < min(num_keys, kstage + kStageKeys); kb += kKeyBlock) {
+    const int kl = kb - kstage;  // block offset in shared memory
     float s[8][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-      const T* kr = ks + (8 * j + g) * kKStride;
+      const T* kr = ks + (kl + 8 * j + g) * kKStride;
       if constexpr (P == Precision::kBf16) {
         MmaBf16(s[j], qa, *reinterpret_cast<const uint32_t*>(kr + 2 * t),
                 *reinterpret_cast<const uint32_t*>(kr + 2 * t + 8));
@@ -121,30 +123,38 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
         }
       }
     }
-    const uint64_t vis0 = VisibleWord(mask, L, num_keys, rr0, kb) |
-                          (uint64_t)VisibleWord(mask, L, num_keys, rr0, kb + 32) << 32;
-    const uint64_t vis1 = VisibleWord(mask, L, num_keys, rr1, kb) |
-                          (uint64_t)VisibleWord(mask, L, num_keys, rr1, kb + 32) << 32;
+    // Unmasked full blocks (almost all of them without a mask) skip the visibility bits.
+    if (mask != nullptr || kb + kKeyBlock > num_keys) {
+      const uint64_t vis0 = VisibleWord(mask, L, num_keys, rr0, kb) |
+                            (uint64_t)VisibleWord(mask, L, num_keys, rr0, kb + 32) << 32;
+      const uint64_t vis1 = VisibleWord(mask, L, num_keys, rr1, kb) |
+                            (uint64_t)VisibleWord(mask, L, num_keys, rr1, kb + 32) << 32;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * j + 2 * t + e;
+          if (!((vis0 >> col) & 1u)) s[j][e] = -INFINITY;
+          if (!((vis1 >> col) & 1u)) s[j][2 + e] = -INFINITY;
+        }
+      }
+    }
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * j + 2 * t + e;
-        s[j][e] = (vis0 >> col) & 1u ? s[j][e] * p.scale_log2 : -INFINITY;
-        s[j][2 + e] = (vis1 >> col) & 1u ? s[j][2 + e] * p.scale_log2 : -INFINITY;
-        mx0 = fmaxf(mx0, s[j][e]);
-        mx1 = fmaxf(mx1, s[j][2 + e]);
-      }
+      mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
     }
 #pragma unroll
     for (int off = 1; off < 4; off <<= 1) {
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
     }
+    // Raw scores, the scale folded into one FFMA before each exp2.
     const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float b0 = mn0 == -INFINITY ? 0.0f : mn0, b1 = mn1 == -INFINITY ? 0.0f : mn1;
-    const float al0 = exp2f(m0 - b0), al1 = exp2f(m1 - b1);
+    const float b0 = mn0 == -INFINITY ? 0.0f : mn0 * p.scale_log2;
+    const float b1 = mn1 == -INFINITY ? 0.0f : mn1 * p.scale_log2;
+    const float al0 = exp2f(m0 * p.scale_log2 - b0), al1 = exp2f(m1 * p.scale_log2 - b1);
     m0 = mn0;
     m1 = mn1;
     float rs0 = 0.0f, rs1 = 0.0f;
@@ -152,8 +162,8 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        s[j][e] = exp2f(s[j][e] - b0);
-        s[j][2 + e] = exp2f(s[j][2 + e] - b1);
+        s[j][e] = exp2f(fmaf(s[j][e], p.scale_log2, -b0));
+        s[j][2 + e] = exp2f(fmaf(s[j][2 + e], p.scale_log2, -b1));
         rs0 += s[j][e];
         rs1 += s[j][2 + e];
       }
@@ -176,7 +186,7 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
                                PackBf16(s[2 * st + 1][2], s[2 * st + 1][3])};
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          const T* vr = vt + (8 * n + g) * kVStride + 16 * st + 2 * t;
+          const T* vr = vt + (8 * n + g) * kVStride + kl + 16 * st + 2 * t;
           MmaBf16(o[n], a, *reinterpret_cast<const uint32_t*>(vr),
                   *reinterpret_cast<const uint32_t*>(vr + 8));
         }
@@ -191,8 +201,8 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
         SplitTf32(s[u][3], ahi[3], alo[3]);
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          const float2 vv = *reinterpret_cast<const float2*>(vt + (8 * n + g) * kVStride + 8 * u +
-                                                             2 * t);
+          const float2 vv = *reinterpret_cast<const float2*>(vt + (8 * n + g) * kVStride + kl +
+                                                             8 * u + 2 * t);
           uint32_t h0, lo0, h1, lo1;
           SplitTf32(vv.x, h0, lo0);
           SplitTf32(vv.y, h1, lo1);
@@ -200,7 +210,8 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
         }
       }
     }
-  }
+  }  // key blocks of this stage
+  }  // stages
   if (!active) return;
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
@@ -218,35 +229,47 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
 }
 
 constexpr int kAdaLnSamples = 16;
+constexpr int kAdaLnOutputs = 128;  // outputs (threads) per CTA
 
-__global__ void __launch_bounds__(256) AdaLnKernel(const AdaLnParams p) {
+// One thread per output j of one (layer, stream) for up to 16 samples. The first version looped
+// a 256-thread CTA over all 6D outputs: 24 CTAs at B = 1, 67 us, bound by the latency of its
+// serial weight loads; this grid has 6x the CTAs and 8 loads in flight per thread.
+__global__ void __launch_bounds__(kAdaLnOutputs) AdaLnKernel(const AdaLnParams p) {
   extern __shared__ float silu_y[];  // [kAdaLnSamples][D]
   const int ls = blockIdx.x;         // layer * 2 + stream
-  const int b0 = blockIdx.y * kAdaLnSamples;
+  const int j = blockIdx.y * kAdaLnOutputs + threadIdx.x;
+  const int b0 = blockIdx.z * kAdaLnSamples;
   const int d = p.dim, n6 = 6 * p.dim;
-  for (int i = threadIdx.x; i < kAdaLnSamples * d; i += blockDim.x) {
-    const int b = b0 + i / d;
-    const float y = b < p.batch ? p.y[(size_t)b * d + i % d] : 0.0f;
+  const int ns = min(kAdaLnSamples, p.batch - b0);
+  for (int i = threadIdx.x; i < ns * d; i += blockDim.x) {
+    const float y = p.y[(size_t)(b0 + i / d) * d + i % d];
     silu_y[i] = y / (1.0f + expf(-y));
   }
   __syncthreads();
-  const float* w = p.w_t + (size_t)ls * d * n6;
-  for (int j = threadIdx.x; j < n6; j += blockDim.x) {
-    float acc[kAdaLnSamples];
-    const float bias = p.b[(size_t)ls * n6 + j];
+  if (j >= n6) return;
+  const float* w = p.w_t + (size_t)ls * d * n6 + j;
+  const float bias = p.b[(size_t)ls * n6 + j];
+  float* out = p.mod + ((size_t)b0 * p.num_layers * 2 + ls) * n6 + j;
+  const size_t out_stride = (size_t)p.num_layers * 2 * n6;
+  if (ns == 1) {
+    float acc = 0.0f;
+#pragma unroll 8
+    for (int kk = 0; kk < d; ++kk) acc = fmaf(__ldg(w + (size_t)kk * n6), silu_y[kk], acc);
+    out[0] = acc + bias;
+    return;
+  }
+  float acc[kAdaLnSamples];
 #pragma unroll
-    for (int s = 0; s < kAdaLnSamples; ++s) acc[s] = 0.0f;
-    for (int kk = 0; kk < d; ++kk) {
-      const float wv = __ldg(w + (size_t)kk * n6 + j);
+  for (int s = 0; s < kAdaLnSamples; ++s) acc[s] = 0.0f;
+#pragma unroll 4
+  for (int kk = 0; kk < d; ++kk) {
+    const float wv = __ldg(w + (size_t)kk * n6);
 #pragma unroll
-      for (int s = 0; s < kAdaLnSamples; ++s) acc[s] = fmaf(wv, silu_y[s * d + kk], acc[s]);
-    }
+    for (int s = 0; s < kAdaLnSamples; ++s) acc[s] = fmaf(wv, silu_y[s * d + kk], acc[s]);
+  }
 #pragma unroll
-    for (int s = 0; s < kAdaLnSamples; ++s) {
-      if (b0 + s < p.batch) {
-        p.mod[((size_t)(b0 + s) * p.num_layers * 2 + ls) * n6 + j] = acc[s] + bias;
-      }
-    }
+  for (int s = 0; s < kAdaLnSamples; ++s) {
+    if (s < ns) out[s * out_stride] = acc[s] + bias;
   }
 }
 
@@ -272,9 +295,10 @@ absl::Status LaunchAttention(const AttentionParams& params, Precision precision,
 
 absl::Status LaunchAdaLn(const AdaLnParams& params, cudaStream_t stream) {
   if (params.batch == 0) return absl::OkStatus();
-  const dim3 grid(params.num_layers * 2, (params.batch + kAdaLnSamples - 1) / kAdaLnSamples);
+  const dim3 grid(params.num_layers * 2, (6 * params.dim + kAdaLnOutputs - 1) / kAdaLnOutputs,
+                  (params.batch + kAdaLnSamples - 1) / kAdaLnSamples);
   const size_t smem = sizeof(float) * kAdaLnSamples * params.dim;
-  AdaLnKernel<<<grid, 256, smem, stream>>>(params);
+  AdaLnKernel<<<grid, kAdaLnOutputs, smem, stream>>>(params);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

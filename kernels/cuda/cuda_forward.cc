@@ -85,7 +85,7 @@ struct Blob {
   size_t Add(const void* data, size_t n) {
     const size_t off = AlignUp(bytes.size());
     bytes.resize(off + n);
-    if (n) std::memcpy(bytes.data() + off, data, n);
+    if (data != nullptr && n != 0) std::memcpy(bytes.data() + off, data, n);
     return off;
   }
   size_t AddFloats(const std::vector<float>& v) { return Add(v.data(), v.size() * 4); }
@@ -121,6 +121,10 @@ class CudaForwardImpl {
   cudaStream_t stream = nullptr;
   std::vector<void*> device_allocs;
   cudaGraphExec_t graph_exec = nullptr;
+  std::function<void(const char*)> launch_hook;
+  void Launched(const char* what) {
+    if (launch_hook) launch_hook(what);
+  }
 
   // Weights.
   const StreamWeightsDev* d_stream_weights = nullptr;
@@ -372,6 +376,7 @@ absl::Status CudaForwardImpl::RunStaged() {
   ap.dim = d;
   ap.num_layers = n;
   if (absl::Status s = cuda::LaunchAdaLn(ap, stream); !s.ok()) return s;
+  Launched("adaln");
 
   cuda::RowParams rp{};
   rp.tiles = reinterpret_cast<const RowTile*>(dev_io + off_row_tiles);
@@ -407,15 +412,18 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.post_layer = -1;
   rp.qkv_layer = 0;
   if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
+  Launched("row");
   for (int l = 0; l < n; ++l) {
     if (absl::Status s = cuda::LaunchAttention(tp, precision, tile_queries, stream); !s.ok()) {
       return s;
     }
+    Launched("attention");
     rp.x_src = l == 0 ? x_in : d_act;
     rp.x_dst = d_act;
     rp.post_layer = l;
     rp.qkv_layer = l + 1 < n ? l + 1 : -1;
     if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
+    Launched("row");
   }
   return absl::OkStatus();
 }
@@ -557,6 +565,9 @@ absl::Status CudaForward::ReplayGraph() {
 }
 
 CUstream_st* CudaForward::stream() const { return impl_->stream; }
+void CudaForward::set_launch_hook(std::function<void(const char*)> hook) {
+  impl_->launch_hook = std::move(hook);
+}
 const CudaForwardOptions& CudaForward::options() const { return impl_->options; }
 int CudaForward::tile_rows() const { return impl_->tile_rows; }
 int CudaForward::tile_queries() const { return impl_->tile_queries; }

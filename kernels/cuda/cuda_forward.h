@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "absl/status/status.h"
@@ -56,6 +57,9 @@ class CudaForward {
   absl::Status CaptureGraph();
   absl::Status ReplayGraph();
   CUstream_st* stream() const;
+  // Called on the launching thread after each kernel launch of RunStaged() with the kernel's
+  // name ("adaln", "row", "attention"), e.g. to record events for a per-kernel breakdown.
+  void set_launch_hook(std::function<void(const char*)> hook);
 
   const CudaForwardOptions& options() const;
   // The tile sizes chosen for the staged batch.

@@ -59,22 +59,31 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
   using S = RowShape<P, kD, kMT>;
   constexpr int kNT = S::kNT;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll 2
-  for (int i = 0; i < kD / 16; ++i) {
-    if constexpr (P == Precision::kBf16) {
-      uint2 b[kNT];
+  if constexpr (P == Precision::kBf16) {
+    // All of the pass's weight fragments in flight at once (32 registers): the first version
+    // loaded them per k-step and was bound by L2 latency (222 us per launch at B = 256).
+    uint2 b[kD / 16][kNT];
+#pragma unroll
+    for (int i = 0; i < kD / 16; ++i)
 #pragma unroll
       for (int n = 0; n < kNT; ++n) {
-        b[n] = __ldg(wf + ((size_t)(nt0 + n) * ks_total + ks0 + i) * 32 + lane);
+        b[i][n] = __ldg(wf + ((size_t)(nt0 + n) * ks_total + ks0 + i) * 32 + lane);
       }
+#pragma unroll
+    for (int i = 0; i < kD / 16; ++i) {
 #pragma unroll
       for (int m = 0; m < kMT; ++m) {
         uint32_t a[4];
         LdMatrixX4(a, as + (16 * m + (lane & 15)) * S::kAs + 16 * i + (lane >> 4) * 8);
 #pragma unroll
-        for (int n = 0; n < kNT; ++n) MmaBf16(acc[m][n], a, b[n].x, b[n].y);
+        for (int n = 0; n < kNT; ++n) MmaBf16(acc[m][n], a, b[i][n].x, b[i][n].y);
       }
-    } else {
+    }
+    return;
+  }
+#pragma unroll 2
+  for (int i = 0; i < kD / 16; ++i) {
+    if constexpr (P == Precision::kFp32) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float4 b[kNT];
@@ -163,7 +172,7 @@ __device__ __forceinline__ void RmsNormRow(float (&v)[kCols], const float* w, in
 }
 
 template <Precision P, int kD, int kMT>
-__global__ void __launch_bounds__(kThreads) RowKernel(const RowParams p) {
+__global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1) RowKernel(const RowParams p) {
   using S = RowShape<P, kD, kMT>;
   using T = typename Prec<P>::T;
   using W = typename Prec<P>::W;
@@ -187,6 +196,7 @@ __global__ void __launch_bounds__(kThreads) RowKernel(const RowParams p) {
     if (r < rows) v = *reinterpret_cast<const float4*>(p.x_src + (size_t)(tok0 + r) * kD + c);
     *reinterpret_cast<float4*>(xs + r * kXs + c) = v;
   }
+  __syncthreads();  // the row passes read rows that other warps loaded
 
   float acc[kMT][kNT][4];
   if (p.post_layer >= 0) {

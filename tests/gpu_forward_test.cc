@@ -1,0 +1,295 @@
+// The CUDA forward against the shared fixtures (float64 outputs of the original) and against the
+// CPU reference on random ragged batches: L and C of 1 and of sizes that are not multiples of 16,
+// with and without masks (dense, causal, sparse with empty columns), non-zero start_pos, batches
+// of 1 to 512 (large ones checked on a subset of samples), both tile sizes, both precisions.
+// Outputs are NaN-poisoned before every run. Skips without a GPU.
+#include <cmath>
+#include <future>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/reference_forward.h"
+#include "kernels/cuda/cuda_forward.h"
+#include "tests/test_util.h"
+
+namespace mmdit {
+namespace {
+
+using testing::RandomBatch;
+
+constexpr double kBf16Tolerance = 2e-2;
+constexpr double kFp32Tolerance = 1e-5;
+
+double Tolerance(CudaPrecision p) {
+  return p == CudaPrecision::kBf16 ? kBf16Tolerance : kFp32Tolerance;
+}
+const char* Name(CudaPrecision p) { return p == CudaPrecision::kBf16 ? "bf16" : "fp32"; }
+
+#define SKIP_WITHOUT_GPU()                                               \
+  if (CudaForward::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device"
+
+void Poison(const ForwardSample& s, int d) {
+  std::fill_n(s.x_out, static_cast<size_t>(s.seq_len) * d, NAN);
+  std::fill_n(s.context_out, static_cast<size_t>(s.context_len) * d, NAN);
+}
+
+class GpuFixtureTest
+    : public ::testing::TestWithParam<std::tuple<std::string, CudaPrecision>> {};
+
+TEST_P(GpuFixtureTest, MatchesFloat64Outputs) {
+  SKIP_WITHOUT_GPU();
+  const auto [name, precision] = GetParam();
+  testing::Fixture f = testing::LoadFixture(name);
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  CudaForwardOptions options;
+  options.max_batch_size = f.batch;
+  options.max_seq_len = f.seq_len;
+  options.max_context_len = f.context_len;
+  options.precision = precision;
+  absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(f.weights, options);
+  ASSERT_TRUE(fwd.ok()) << fwd.status();
+  std::vector<float> x_out, context_out;
+  std::vector<ForwardSample> samples = testing::FixtureSamples(f, x_out, context_out);
+  for (int rep = 0; rep < 2; ++rep) {  // the second run reuses every buffer
+    for (const ForwardSample& s : samples) Poison(s, f.config.dim);
+    ASSERT_TRUE((*fwd)->Run(samples).ok());
+    const double ex = testing::RelativeError(x_out, f.x_out_f64);
+    const double ec = testing::RelativeError(context_out, f.context_out_f64);
+    std::printf("fixture %s %s: rel err x_out %.3g context_out %.3g\n", name.c_str(),
+                Name(precision), ex, ec);
+    EXPECT_LE(ex, Tolerance(precision));
+    EXPECT_LE(ec, Tolerance(precision));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, GpuFixtureTest,
+                         ::testing::Combine(::testing::Values("small", "target1"),
+                                            ::testing::Values(CudaPrecision::kBf16,
+                                                              CudaPrecision::kFp32Accurate)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_" + Name(std::get<1>(info.param));
+                         });
+
+enum class MaskKind { kNone, kDense, kCausal, kSparse, kMixed };
+
+struct RandomCase {
+  std::string name;
+  int batch;
+  int min_len, max_len;  // L drawn from this range
+  int min_ctx, max_ctx;  // C drawn from this range
+  MaskKind mask;
+  int num_layers;
+  int checked;  // samples compared with the reference (spread over the batch)
+};
+
+RandomBatch MakeCase(const MmditConfig& config, const RandomCase& c, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::pair<int, int>> lengths(c.batch);
+  for (auto& [L, C] : lengths) {
+    L = c.min_len + static_cast<int>(rng() % (c.max_len - c.min_len + 1));
+    C = c.min_ctx + static_cast<int>(rng() % (c.max_ctx - c.min_ctx + 1));
+  }
+  if (c.batch >= 3) {  // the edges, always
+    lengths[0] = {c.min_len, c.max_ctx};
+    lengths[1] = {c.max_len, c.min_ctx};
+  }
+  RandomBatch b = testing::MakeRandomBatch(config, lengths, c.mask != MaskKind::kNone, seed);
+  for (int i = 0; i < c.batch; ++i) {
+    const int L = lengths[i].first;
+    MaskKind kind = c.mask;
+    if (kind == MaskKind::kMixed) kind = static_cast<MaskKind>(1 + i % 3);
+    if (kind == MaskKind::kCausal || kind == MaskKind::kSparse) {
+      std::vector<uint8_t>& m = b.masks[i];
+      for (int r = 0; r < L; ++r) {
+        for (int j = 0; j < L; ++j) {
+          m[static_cast<size_t>(r) * L + j] =
+              kind == MaskKind::kCausal ? (j <= r) : (rng() % 16 == 0);
+        }
+        // Sparse rows see at least their first key: leaves columns with no visible query.
+        if (kind == MaskKind::kSparse) m[static_cast<size_t>(r) * L + (r % 5 == 0 ? 0 : r)] = 1;
+      }
+    }
+  }
+  return b;
+}
+
+std::vector<int> CheckedSamples(int batch, int checked) {
+  std::vector<int> idx;
+  if (checked >= batch) {
+    for (int i = 0; i < batch; ++i) idx.push_back(i);
+    return idx;
+  }
+  for (int k = 0; k < checked; ++k) idx.push_back(static_cast<int>((int64_t)k * (batch - 1) / (checked - 1)));
+  return idx;
+}
+
+// Runs the reference on the chosen samples (in parallel) and returns ‖gpu − ref‖ / ‖ref‖ over them.
+double CompareWithReference(const ModelWeights& w, const RandomBatch& b,
+                            const std::vector<int>& idx) {
+  const int d = w.config.dim;
+  std::vector<std::vector<float>> rx(idx.size()), rc(idx.size());
+  std::vector<std::future<absl::Status>> jobs;
+  for (size_t k = 0; k < idx.size(); ++k) {
+    ForwardSample s = b.samples[idx[k]];
+    rx[k].assign(static_cast<size_t>(s.seq_len) * d, NAN);
+    rc[k].assign(static_cast<size_t>(s.context_len) * d, NAN);
+    s.x_out = rx[k].data();
+    s.context_out = rc[k].data();
+    jobs.push_back(std::async(std::launch::async, [&w, s] {
+      return ReferenceForward(w, ForwardBatch(&s, 1));
+    }));
+  }
+  std::vector<float> got, want;
+  for (size_t k = 0; k < idx.size(); ++k) {
+    EXPECT_TRUE(jobs[k].get().ok());
+    const ForwardSample& s = b.samples[idx[k]];
+    got.insert(got.end(), s.x_out, s.x_out + static_cast<size_t>(s.seq_len) * d);
+    got.insert(got.end(), s.context_out, s.context_out + static_cast<size_t>(s.context_len) * d);
+    want.insert(want.end(), rx[k].begin(), rx[k].end());
+    want.insert(want.end(), rc[k].begin(), rc[k].end());
+  }
+  return testing::RelativeError(got, want);
+}
+
+class GpuRandomTest
+    : public ::testing::TestWithParam<std::tuple<RandomCase, CudaPrecision, int>> {};
+
+TEST_P(GpuRandomTest, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  const auto [c, precision, tile_rows] = GetParam();
+  MmditConfig config = TargetConfig();
+  config.num_layers = c.num_layers;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 1234 + c.num_layers);
+  CudaForwardOptions options;
+  options.max_batch_size = c.batch;
+  options.max_seq_len = c.max_len;
+  options.max_context_len = c.max_ctx;
+  options.precision = precision;
+  options.row_tile_rows = tile_rows;
+  options.attn_tile_queries = tile_rows == 16 ? 64 : 128;
+  absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, options);
+  ASSERT_TRUE(fwd.ok()) << fwd.status();
+  RandomBatch b = MakeCase(config, c, 99 + c.batch);
+  ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+  const std::vector<int> idx = CheckedSamples(c.batch, c.checked);
+  const double err = CompareWithReference(weights, b, idx);
+  std::printf("%s %s rows=%d: rel err %.3g over %zu of %d samples\n", c.name.c_str(),
+              Name(precision), tile_rows, err, idx.size(), c.batch);
+  EXPECT_LE(err, Tolerance(precision));
+
+  // Deterministic: a second run on poisoned outputs gives the same bits.
+  std::vector<float> first = b.x_out[idx.back()];
+  for (const ForwardSample& s : b.samples) Poison(s, config.dim);
+  ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+  EXPECT_EQ(0, std::memcmp(first.data(), b.x_out[idx.back()].data(), first.size() * 4));
+}
+
+const RandomCase kCases[] = {
+    {"one_token", 1, 1, 1, 1, 1, MaskKind::kNone, 2, 1},
+    {"one_token_masked", 2, 1, 1, 1, 1, MaskKind::kDense, 2, 2},
+    {"odd_sizes_masked", 5, 1, 70, 1, 33, MaskKind::kMixed, 2, 5},
+    {"odd_sizes", 8, 17, 150, 1, 90, MaskKind::kNone, 2, 8},
+    {"sparse_mask", 4, 30, 131, 5, 20, MaskKind::kSparse, 2, 4},
+    {"target_b64", 64, 150, 200, 40, 80, MaskKind::kNone, 2, 6},
+    {"target_b256_masked", 256, 1, 200, 1, 64, MaskKind::kMixed, 1, 6},
+    {"target_b512", 512, 186, 186, 64, 64, MaskKind::kNone, 1, 4},
+    {"twelve_layers", 2, 186, 186, 64, 64, MaskKind::kNone, 12, 2},
+};
+
+INSTANTIATE_TEST_SUITE_P(
+    Random, GpuRandomTest,
+    ::testing::Combine(::testing::ValuesIn(kCases),
+                       ::testing::Values(CudaPrecision::kBf16, CudaPrecision::kFp32Accurate),
+                       ::testing::Values(16, 64)),
+    [](const auto& info) {
+      return std::get<0>(info.param).name + "_" + Name(std::get<1>(info.param)) + "_rows" +
+             std::to_string(std::get<2>(info.param));
+    });
+
+TEST(GpuForwardTest, GraphReplayMatchesRun) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = 2;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 7);
+  CudaForwardOptions options;
+  options.max_batch_size = 3;
+  options.max_seq_len = 64;
+  options.max_context_len = 16;
+  auto fwd = CudaForward::Create(weights, options);
+  ASSERT_TRUE(fwd.ok()) << fwd.status();
+  RandomBatch b = testing::MakeRandomBatch(config, {{64, 16}, {5, 3}, {33, 9}}, true, 5);
+  ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+  const std::vector<std::vector<float>> want = b.x_out;
+  for (const ForwardSample& s : b.samples) Poison(s, config.dim);
+  ASSERT_TRUE((*fwd)->Stage(b.samples).ok());
+  ASSERT_TRUE((*fwd)->CaptureGraph().ok());
+  ASSERT_TRUE((*fwd)->ReplayGraph().ok());
+  ASSERT_TRUE((*fwd)->ReplayGraph().ok());
+  ASSERT_TRUE((*fwd)->FetchStaged(b.samples).ok());
+  EXPECT_EQ(want, b.x_out);
+}
+
+TEST(GpuForwardTest, RejectsBatchesOverCapacity) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = 1;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 7);
+  CudaForwardOptions options;
+  options.max_batch_size = 2;
+  options.max_seq_len = 32;
+  options.max_context_len = 8;
+  auto fwd = CudaForward::Create(weights, options);
+  ASSERT_TRUE(fwd.ok()) << fwd.status();
+  RandomBatch three = testing::MakeRandomBatch(config, {{4, 4}, {4, 4}, {4, 4}}, false, 1);
+  EXPECT_EQ((*fwd)->Run(three.samples).code(), absl::StatusCode::kInvalidArgument);
+  RandomBatch long_x = testing::MakeRandomBatch(config, {{33, 4}}, false, 1);
+  EXPECT_EQ((*fwd)->Run(long_x.samples).code(), absl::StatusCode::kInvalidArgument);
+  RandomBatch long_c = testing::MakeRandomBatch(config, {{3, 9}}, false, 1);
+  EXPECT_EQ((*fwd)->Run(long_c.samples).code(), absl::StatusCode::kInvalidArgument);
+  RandomBatch bad_mask = testing::MakeRandomBatch(config, {{4, 4}}, true, 1);
+  std::fill(bad_mask.masks[0].begin(), bad_mask.masks[0].begin() + 4, 0);  // row 0 sees nothing
+  EXPECT_EQ((*fwd)->Run(bad_mask.samples).code(), absl::StatusCode::kInvalidArgument);
+  RandomBatch ok = testing::MakeRandomBatch(config, {{32, 8}, {1, 1}}, true, 1);
+  EXPECT_TRUE((*fwd)->Run(ok.samples).ok());  // still in service
+  options.max_batch_size = 0;
+  EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(GpuForwardTest, UnsupportedShapeIsUnimplemented) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_heads = 4;  // head dim 32
+  config.num_layers = 1;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 7);
+  EXPECT_EQ(CudaForward::Create(weights, CudaForwardOptions{}).status().code(),
+            absl::StatusCode::kUnimplemented);
+}
+
+// A small case for compute-sanitizer (memcheck, racecheck): ragged, masked, both precisions.
+TEST(GpuForwardTest, SanitizerCase) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = 1;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 3);
+  for (CudaPrecision p : {CudaPrecision::kBf16, CudaPrecision::kFp32Accurate}) {
+    for (int rows : {16, 64}) {
+      CudaForwardOptions options;
+      options.max_batch_size = 3;
+      options.max_seq_len = 70;
+      options.max_context_len = 9;
+      options.precision = p;
+      options.row_tile_rows = rows;
+      auto fwd = CudaForward::Create(weights, options);
+      ASSERT_TRUE(fwd.ok()) << fwd.status();
+      RandomBatch b = testing::MakeRandomBatch(config, {{70, 9}, {1, 1}, {17, 3}}, true, 11);
+      ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+      EXPECT_LE(CompareWithReference(weights, b, {0, 1, 2}), Tolerance(p));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace mmdit

@@ -1,0 +1,248 @@
+// The CUDA forward timed on one GPU: for each precision and batch size, the forward launched on
+// its stream and as a CUDA-graph replay, each timed with CUDA events after warm-up (median of
+// --timed_iters runs), then a per-kernel breakdown from events recorded between launches.
+// Inputs are staged on the device once; a run reads them and writes separate buffers, so every
+// run computes the same thing. FLOPs are MODEL.md's count (1.56 GFLOP per sample at L=186, C=64).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "absl/strings/str_format.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/cuda_forward.h"
+#include "kernels/model_weights.h"
+#include "tools/bench/benchmarks.h"
+
+namespace mmdit {
+namespace {
+
+constexpr double kBf16PeakTflops = 990.0;  // dense bf16, H100 SXM
+
+double FlopsPerSample(const MmditConfig& c, int seq_len, int context_len) {
+  const double t = seq_len + context_len, d = c.dim, f = c.dim_feedforward;
+  const double per_layer =
+      2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * f + 4 * d * 6 * d;
+  return per_layer * c.num_layers;
+}
+
+// PERF.md's best measured PyTorch on an H100 at L=186, C=64 (ms); 0 = not measured.
+double AnchorMs(bool bf16, int batch) {
+  if (bf16) {
+    switch (batch) {
+      case 1: return 0.895;   // torch.compile + CUDA graph
+      case 8: return 1.76;    // CUDA graph (no compile figure)
+      case 64: return 3.84;   // CUDA graph (no compile figure)
+      case 256: return 5.85;  // lean torch.compile + CUDA graph
+    }
+  } else {
+    switch (batch) {
+      case 1: return 1.28;   // lean torch.compile + CUDA graph fp32
+      case 8: return 2.69;   // CUDA graph fp32
+      case 64: return 8.94;  // CUDA graph fp32
+      case 256: return 24.7;
+    }
+  }
+  return 0.0;
+}
+
+struct Inputs {
+  std::vector<float> x, y, context, x_out, context_out;
+  std::vector<ForwardSample> samples;
+};
+
+Inputs MakeInputs(const MmditConfig& c, int batch, int seq_len, int context_len) {
+  std::mt19937 rng(4321);
+  std::normal_distribution<float> normal;
+  Inputs in;
+  const size_t d = c.dim;
+  in.x.resize(batch * seq_len * d);
+  in.y.resize(batch * d);
+  in.context.resize(batch * context_len * d);
+  for (auto* v : {&in.x, &in.y, &in.context})
+    for (float& e : *v) e = normal(rng);
+  in.x_out.assign(in.x.size(), NAN);
+  in.context_out.assign(in.context.size(), NAN);
+  for (int b = 0; b < batch; ++b) {
+    ForwardSample s;
+    s.seq_len = seq_len;
+    s.context_len = context_len;
+    s.x = &in.x[b * seq_len * d];
+    s.y = &in.y[b * d];
+    s.context = &in.context[b * context_len * d];
+    s.start_pos = b % 7;
+    s.x_out = &in.x_out[b * seq_len * d];
+    s.context_out = &in.context_out[b * context_len * d];
+    in.samples.push_back(s);
+  }
+  return in;
+}
+
+double Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// Times `launch` (which enqueues one forward on `stream`) `iters` times; median ms.
+template <typename F>
+absl::StatusOr<double> TimeMedian(cudaStream_t stream, int warmup, int iters, F launch) {
+  cudaEvent_t start, stop;
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
+  for (int i = 0; i < warmup; ++i) {
+    if (absl::Status s = launch(); !s.ok()) return s;
+  }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  std::vector<float> ms;
+  for (int i = 0; i < iters; ++i) {
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(start, stream));
+    if (absl::Status s = launch(); !s.ok()) return s;
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(stop, stream));
+    CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop));
+    float t = 0;
+    CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&t, start, stop));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return Median(ms);
+}
+
+// Median time per kernel kind over `iters` runs, from events recorded after every launch.
+absl::StatusOr<std::map<std::string, double>> Breakdown(CudaForward& fwd, int iters) {
+  cudaStream_t stream = fwd.stream();
+  std::vector<cudaEvent_t> events;
+  std::vector<std::string> names;
+  size_t next = 0;
+  fwd.set_launch_hook([&](const char* what) {
+    if (next == events.size()) {
+      cudaEvent_t e;
+      cudaEventCreate(&e);
+      events.push_back(e);
+      names.emplace_back();
+    }
+    names[next] = what;
+    cudaEventRecord(events[next++], stream);
+  });
+  cudaEvent_t start;
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
+  std::map<std::string, std::vector<float>> per_run;
+  for (int i = 0; i < iters; ++i) {
+    next = 0;
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(start, stream));
+    if (absl::Status s = fwd.RunStaged(); !s.ok()) return s;
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    std::map<std::string, float> sum;
+    cudaEvent_t prev = start;
+    for (size_t k = 0; k < next; ++k) {
+      float t = 0;
+      CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&t, prev, events[k]));
+      sum[names[k]] += t;
+      prev = events[k];
+    }
+    for (auto& [k, v] : sum) per_run[k].push_back(v);
+  }
+  fwd.set_launch_hook(nullptr);
+  for (cudaEvent_t e : events) cudaEventDestroy(e);
+  cudaEventDestroy(start);
+  std::map<std::string, double> out;
+  for (auto& [k, v] : per_run) out[k] = Median(v);
+  return out;
+}
+
+}  // namespace
+
+absl::Status RunCudaBenchmark(const BenchOptions& options) {
+  if (CudaForward::DeviceCount() == 0) return absl::FailedPreconditionError("no CUDA device");
+  const MmditConfig config = TargetConfig();
+  const ModelWeights weights = ModelWeights::Deterministic(config, 1);
+  std::vector<int> batches = options.batch_sizes;
+  if (batches.empty()) batches = {1, 8, 64, 256, 512};
+  const int max_batch = *std::max_element(batches.begin(), batches.end());
+  std::vector<CudaPrecision> precisions;
+  if (options.precision == "bf16" || options.precision == "all") {
+    precisions.push_back(CudaPrecision::kBf16);
+  }
+  if (options.precision == "fp32" || options.precision == "all") {
+    precisions.push_back(CudaPrecision::kFp32Accurate);
+  }
+  if (precisions.empty()) {
+    return absl::InvalidArgumentError("--precision must be bf16, fp32 or all; was " +
+                                      options.precision);
+  }
+  cudaDeviceProp prop;
+  CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, options.gpu));
+  const double flops = FlopsPerSample(config, options.seq_len, options.context_len);
+  absl::PrintF("device %d: %s, %d SMs; L=%d C=%d, %d layers, %.3f GFLOP/sample; "
+               "median of %d runs after %d warm-up\n",
+               options.gpu, prop.name, prop.multiProcessorCount, options.seq_len,
+               options.context_len, config.num_layers, flops * 1e-9, options.timed_iters,
+               options.warmup_iters);
+  std::string table = absl::StrFormat(
+      "%-5s %5s %5s %10s %10s %12s %8s %7s %10s %s\n", "prec", "B", "tiles", "stream_ms",
+      "graph_ms", "samples/s", "TFLOP/s", "%peak", "anchor_ms", "x faster than anchor");
+  std::string breakdown;
+  for (CudaPrecision precision : precisions) {
+    const bool bf16 = precision == CudaPrecision::kBf16;
+    for (int rows : {0}) {
+      CudaForwardOptions fo;
+      fo.device = options.gpu;
+      fo.max_batch_size = max_batch;
+      fo.max_seq_len = options.seq_len;
+      fo.max_context_len = options.context_len;
+      fo.precision = precision;
+      fo.row_tile_rows = rows;
+      absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, fo);
+      if (!fwd.ok()) return fwd.status();
+      CudaForward& f = **fwd;
+      for (int b : batches) {
+        Inputs in = MakeInputs(config, b, options.seq_len, options.context_len);
+        if (absl::Status s = f.Stage(in.samples); !s.ok()) return s;
+        absl::StatusOr<double> stream_ms = TimeMedian(
+            f.stream(), options.warmup_iters, options.timed_iters, [&] { return f.RunStaged(); });
+        if (!stream_ms.ok()) return stream_ms.status();
+        if (absl::Status s = f.CaptureGraph(); !s.ok()) return s;
+        absl::StatusOr<double> graph_ms = TimeMedian(
+            f.stream(), options.warmup_iters, options.timed_iters, [&] { return f.ReplayGraph(); });
+        if (!graph_ms.ok()) return graph_ms.status();
+        if (absl::Status s = f.FetchStaged(in.samples); !s.ok()) return s;
+        for (float v : in.x_out) {
+          if (!std::isfinite(v)) return absl::InternalError("non-finite output");
+        }
+        const double best = std::min(*stream_ms, *graph_ms);
+        const double tflops = flops * b / (best * 1e-3) * 1e-12;
+        const double anchor = AnchorMs(bf16, b);
+        const std::string tiles = absl::StrCat(f.tile_rows(), "/", f.tile_queries());
+        table += absl::StrFormat(
+            "%-5s %5d %5s %10.4f %10.4f %12.0f %8.1f %6.1f%% %10s %s\n", bf16 ? "bf16" : "fp32",
+            b, tiles, *stream_ms, *graph_ms, b / (best * 1e-3), tflops,
+            100.0 * tflops / kBf16PeakTflops,
+            anchor > 0 ? absl::StrFormat("%.3f", anchor) : std::string("-"),
+            anchor > 0 ? absl::StrFormat("%.1fx", anchor / best) : std::string("-"));
+        absl::StatusOr<std::map<std::string, double>> parts =
+            Breakdown(f, std::max(3, options.timed_iters / 5));
+        if (!parts.ok()) return parts.status();
+        breakdown += absl::StrFormat("%-5s B=%-4d", bf16 ? "bf16" : "fp32", b);
+        for (const auto& [name, ms] : *parts) {
+          breakdown += absl::StrFormat("  %s %.4f ms (%.1f us/launch)", name, ms,
+                                       1e3 * ms / (name == "adaln" ? 1 : name == "row"
+                                                                              ? config.num_layers + 1
+                                                                              : config.num_layers));
+        }
+        breakdown += "\n";
+        std::fflush(stdout);
+      }
+    }
+  }
+  absl::PrintF("\nper-kernel breakdown (events between launches, summed over the forward):\n%s",
+               breakdown);
+  absl::PrintF("\n%s", table);
+  return absl::OkStatus();
+}
+
+}  // namespace mmdit
