@@ -66,7 +66,11 @@ int main(int argc, char** argv) {
     status = absl::UnimplementedError("this build has no CUDA forward; use --device=cpu");
 #endif
   } else if (device == "cpu") {
+#ifdef MMDIT_NO_CPU_BENCH
+    status = absl::UnimplementedError("this build has no CPU benchmark");
+#else
     status = mmdit::RunCpuBenchmark(options);
+#endif
   } else {
     status = absl::InvalidArgumentError("--device must be cuda or cpu; was " + device);
   }
