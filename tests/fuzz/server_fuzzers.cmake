@@ -1,0 +1,1 @@
+list(APPEND fuzz_targets "infer_request_fuzzer\;mmdit_server")
