@@ -63,6 +63,13 @@ class ServedModel {
   int64_t default_timeout_micros() const { return default_timeout_micros_; }
   std::vector<std::string> worker_names() const;
   int workers_in_service() const;
+  // Requests accepted and not yet answered (queued or running).
+  int64_t pending() const {
+    absl::MutexLock lock(&stats_mu_);
+    return pending_;
+  }
+  // Requests waiting in the batcher's queue.
+  int64_t num_queued() const { return batcher_->num_queued_tasks(); }
   // Batches that failed on a worker and ran again on another one.
   int64_t batch_reruns() const;
 

@@ -164,12 +164,21 @@ void Server::Shutdown(absl::Duration timeout) {
     if (shut_down_) return;
     shut_down_ = true;
   }
+  const absl::Time deadline = absl::Now() + timeout;
   if (service_ != nullptr) service_->set_draining(true);
   SetHealth(false);
   if (grpc_server_ != nullptr) {
-    // Waits for the calls in flight (queued requests included: the batchers keep running) until
-    // the deadline, then cancels the rest; their handlers take them off the queues.
-    grpc_server_->Shutdown(absl::ToChronoTime(absl::Now() + timeout));
+    // While the accepted requests finish, the endpoint stays open so that new calls get a clean
+    // UNAVAILABLE from the service (gRPC itself cancels calls that arrive once it shuts down).
+    auto pending = [this] {
+      int64_t n = 0;
+      for (const std::unique_ptr<ServedModel>& m : models_) n += m->pending();
+      return n;
+    };
+    while (pending() > 0 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
+    // Then waits for the calls still in flight until the deadline and cancels the rest; their
+    // handlers take them off the queues.
+    grpc_server_->Shutdown(absl::ToChronoTime(deadline));
     grpc_server_->Wait();
   }
   for (const std::unique_ptr<ServedModel>& model : models_) model->Stop();

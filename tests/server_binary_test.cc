@@ -1,0 +1,219 @@
+// The real mmdit-server binary: started on 127.0.0.1 with port 0 and a temporary model
+// repository, it answers a fixture through gRPC, and on SIGTERM refuses new work, finishes what
+// is queued and exits 0. A bad repository fails at start-up with a message and a non-zero exit.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/grpc_service.grpc.pb.h"
+#include "tests/test_util.h"
+
+namespace mmdit {
+namespace {
+
+std::string ServerBinary() { return std::string(MMDIT_BINARY_DIR) + "/server/mmdit-server"; }
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// A child process running mmdit-server with its stderr in a file.
+class ServerProcess {
+ public:
+  ServerProcess(std::vector<std::string> args, const std::string& log_path) : log_(log_path) {
+    args.insert(args.begin(), ServerBinary());
+    pid_ = fork();
+    if (pid_ == 0) {
+      const int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      dup2(fd, 1);
+      dup2(fd, 2);
+      std::vector<char*> argv;
+      for (std::string& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+  }
+  ~ServerProcess() {
+    if (pid_ > 0 && !exited_) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  // The exit code once the process ended within `timeout`; -1 otherwise (or on a signal).
+  int Wait(absl::Duration timeout) {
+    const absl::Time give_up = absl::Now() + timeout;
+    while (absl::Now() < give_up) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        exited_ = true;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return -1;
+  }
+  bool running() {
+    if (exited_) return false;
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) exited_ = true;
+    return !exited_;
+  }
+  void Signal(int sig) { kill(pid_, sig); }
+  std::string log() const { return ReadFile(log_); }
+
+ private:
+  pid_t pid_ = -1;
+  bool exited_ = false;
+  std::string log_;
+};
+
+// Waits (bounded) for --port_file and returns its grpc_port, or 0.
+int WaitForGrpcPort(ServerProcess& server, const std::string& port_file) {
+  const absl::Time give_up = absl::Now() + absl::Seconds(90);
+  while (absl::Now() < give_up && server.running()) {
+    const std::string text = ReadFile(port_file);
+    for (absl::string_view line : absl::StrSplit(text, '\n')) {
+      int port = 0;
+      if (absl::ConsumePrefix(&line, "grpc_port=") && absl::SimpleAtoi(line, &port)) return port;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return 0;
+}
+
+inference::ModelInferRequest FixtureRequest(const testing::Fixture& f) {
+  inference::ModelInferRequest req;
+  req.set_model_name(f.name);
+  auto add = [&](const char* name, const char* type, std::vector<int64_t> shape,
+                 std::string bytes) {
+    auto* t = req.add_inputs();
+    t->set_name(name);
+    t->set_datatype(type);
+    for (int64_t d : shape) t->add_shape(d);
+    req.add_raw_input_contents(std::move(bytes));
+  };
+  auto bytes = [](const auto& v) {
+    return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(v[0]));
+  };
+  const int64_t B = f.batch, L = f.seq_len, C = f.context_len, D = f.config.dim;
+  add("x", "FP32", {B, L, D}, bytes(f.x));
+  add("y", "FP32", {B, 1, D}, bytes(f.y));
+  add("context", "FP32", {B, C, D}, bytes(f.context));
+  if (!f.attn_mask.empty()) add("attn_mask", "BOOL", {B, L, L}, bytes(f.attn_mask));
+  add("start_pos", "INT64", {B}, bytes(f.start_pos));
+  return req;
+}
+
+std::vector<float> RawFloats(const std::string& bytes) {
+  std::vector<float> v(bytes.size() / 4);
+  std::memcpy(v.data(), bytes.data(), v.size() * 4);
+  return v;
+}
+
+TEST(ServerBinaryTest, ServesAFixtureThenDrainsOnSigtermAndExitsZero) {
+  const testing::Fixture f = testing::LoadFixture("small");
+  const std::string dir = testing::MakeTempDir("server_binary");
+  const std::string repo = dir + "/models";
+  // A long queue delay keeps the requests queued when SIGTERM arrives, so the drain has work.
+  testing::WriteModelRepository(repo, f.name, f.config, f.weights_path(), /*max_batch_size=*/8,
+                                /*version=*/1,
+                                "dynamic_batching { max_queue_delay_microseconds: 1500000 }\n"
+                                "instance_group [{ kind: KIND_CPU count: 1 }]\n");
+  const std::string port_file = dir + "/ports";
+  ServerProcess server({"--model_repository=" + repo, "--host=127.0.0.1", "--grpc_port=0",
+                        "--http_port=0", "--port_file=" + port_file, "--cpu_threads=1",
+                        "--exit_timeout_secs=30"},
+                       dir + "/server.log");
+  const int port = WaitForGrpcPort(server, port_file);
+  ASSERT_GT(port, 0) << server.log();
+  EXPECT_TRUE(absl::StrContains(server.log(),
+                                absl::StrCat("grpc listening on 127.0.0.1:", port)))
+      << server.log();
+  EXPECT_TRUE(absl::StrContains(server.log(), "http listening on 127.0.0.1:")) << server.log();
+  EXPECT_TRUE(absl::StrContains(server.log(), "loaded model 'small'")) << server.log();
+
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = inference::GRPCInferenceService::NewStub(channel);
+  const inference::ModelInferRequest req = FixtureRequest(f);
+
+  constexpr int kInFlight = 3;
+  std::atomic<int> ok{0};
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kInFlight; ++i) {
+    clients.emplace_back([&] {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+      inference::ModelInferResponse resp;
+      grpc::Status s = stub->ModelInfer(&ctx, req, &resp);
+      ASSERT_TRUE(s.ok()) << s.error_message();
+      ASSERT_EQ(resp.raw_output_contents_size(), 2);
+      EXPECT_LE(testing::RelativeError(RawFloats(resp.raw_output_contents(0)), f.x_out_f64), 1e-5);
+      EXPECT_LE(testing::RelativeError(RawFloats(resp.raw_output_contents(1)), f.context_out_f64),
+                1e-5);
+      ++ok;
+    });
+  }
+  absl::SleepFor(absl::Milliseconds(300));  // the requests reach the queue and wait there
+  server.Signal(SIGTERM);
+
+  // Once the server reports not ready, new requests are refused.
+  const absl::Time give_up = absl::Now() + absl::Seconds(20);
+  while (absl::Now() < give_up) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+    inference::ServerReadyResponse ready;
+    grpc::Status s = stub->ServerReady(&ctx, {}, &ready);
+    if (!s.ok() || !ready.ready()) break;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+    inference::ModelInferResponse resp;
+    EXPECT_EQ(stub->ModelInfer(&ctx, req, &resp).error_code(), grpc::UNAVAILABLE);
+  }
+  for (std::thread& t : clients) t.join();
+  EXPECT_EQ(ok.load(), kInFlight);
+  EXPECT_EQ(server.Wait(absl::Seconds(40)), 0) << server.log();
+  EXPECT_TRUE(absl::StrContains(server.log(), "SIGTERM: draining")) << server.log();
+}
+
+TEST(ServerBinaryTest, BadRepositoryFailsAtStartUpWithAMessage) {
+  const std::string dir = testing::MakeTempDir("server_binary_bad");
+  const std::string repo = dir + "/models";
+  const testing::Fixture f = testing::LoadFixture("small");
+  MmditConfig wrong = f.config;
+  wrong.dim_feedforward = f.config.dim_feedforward * 2;  // disagrees with the weights
+  testing::WriteModelRepository(repo, "broken", wrong, f.weights_path());
+  ServerProcess server({"--model_repository=" + repo, "--host=127.0.0.1", "--grpc_port=0",
+                        "--http_port=0"},
+                       dir + "/server.log");
+  const int code = server.Wait(absl::Seconds(60));
+  EXPECT_NE(code, 0);
+  EXPECT_NE(code, -1) << "still running or killed by a signal: " << server.log();
+  EXPECT_TRUE(absl::StrContains(server.log(), "model.safetensors")) << server.log();
+}
+
+}  // namespace
+}  // namespace mmdit
