@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 #include <dlfcn.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,7 +46,7 @@ constexpr int kPlannedTokensPerSample = 256;
 // core at M = 48 and 73 at M = 128 for [M x 128]·[128 x 384], so rows are kept together
 // where there are enough tasks to go round.
 constexpr int kMaxRowsPerTask = 128;
-constexpr int kMinRowsPerTask = 32;
+constexpr int kMinRowsPerTask = 48;
 // Fewest queries of one head per attention task.
 constexpr int kMinQueriesPerTask = 64;
 
@@ -57,6 +58,13 @@ void UseSingleThreadedBlas() {
   if (auto* set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) {
     set(1);
   }
+}
+
+// Cores this process may run on (taskset, cpusets), which hardware_concurrency ignores.
+int UsableCores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 const cpu_fast::Kernels& SelectKernels() {
@@ -153,7 +161,7 @@ absl::StatusOr<std::unique_ptr<CpuFastForward>> CpuFastForward::Create(
   impl->max_batch_size = options.max_batch_size;
   impl->kernels = &SelectKernels();
   int threads = options.threads;
-  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  if (threads == 0) threads = UsableCores();
   impl->pool = std::make_unique<ThreadPool>(threads);
   UseSingleThreadedBlas();
 
@@ -312,7 +320,7 @@ absl::Status CpuFastForward::Impl::Run(ForwardBatch batch) {
 
   // Fewer rows per task when the batch is small, so every thread has work.
   const int threads = pool->num_threads();
-  int rows_per_task = total_rows / (threads * 4);
+  int rows_per_task = total_rows / (threads * 2);
   rows_per_task = std::clamp(rows_per_task, kMinRowsPerTask, kMaxRowsPerTask);
   row_tasks.clear();
   attention_tasks.clear();
