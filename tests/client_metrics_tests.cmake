@@ -1,7 +1,7 @@
 # Metrics, the HTTP endpoints, Prometheus scraping, and the client.
 mmdit_add_test(server_metrics_test
   SOURCES server_metrics_test.cc
-  LIBS mmdit_metrics
+  LIBS mmdit_metrics nlohmann_json::nlohmann_json
   LABELS metrics tsan)
 mmdit_add_test(server_http_test
   SOURCES server_http_test.cc

@@ -4,6 +4,9 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <fstream>
+#include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -13,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "server/metrics.h"
 #include "server/server_metrics.h"
 
@@ -29,16 +33,15 @@ struct CommandResult {
   std::string output;
 };
 
-// Runs `promtool check metrics` with `text` on stdin; its stdout and stderr come back together.
-CommandResult PromtoolCheckMetrics(const std::string& text) {
+// Runs `promtool <args>` with `text` on stdin; its stdout and stderr come back together.
+CommandResult RunPromtool(const std::string& args, const std::string& text) {
   CommandResult result;
   char in_path[] = "/tmp/mmdit_metrics_XXXXXX";
   const int fd = mkstemp(in_path);
   if (fd < 0) return result;
   (void)!write(fd, text.data(), text.size());
   close(fd);
-  const std::string command =
-      absl::StrCat(kPromtool, " check metrics < ", in_path, " 2>&1");
+  const std::string command = absl::StrCat(kPromtool, " ", args, " < ", in_path, " 2>&1");
   FILE* pipe = popen(command.c_str(), "r");
   if (pipe != nullptr) {
     char buf[4096];
@@ -49,6 +52,17 @@ CommandResult PromtoolCheckMetrics(const std::string& text) {
   }
   unlink(in_path);
   return result;
+}
+
+CommandResult PromtoolCheckMetrics(const std::string& text) {
+  return RunPromtool("check metrics", text);
+}
+
+std::string ReadSourceFile(const std::string& relative) {
+  std::ifstream in(std::string(MMDIT_SOURCE_DIR) + "/" + relative);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
 }
 
 TEST(FormatTest, Values) {
@@ -257,6 +271,85 @@ TEST(PromtoolTest, CatchesABrokenExposition) {
   const CommandResult result =
       PromtoolCheckMetrics("# TYPE broken_total counter\nbroken_total{a=\"x} 1\n");
   EXPECT_NE(result.exit_code, 0) << result.output;
+}
+
+// docs/METRICS.md lists exactly the families the server exports, with their types.
+TEST(DocsTest, MetricsDocMatchesTheCode) {
+  const std::string doc = ReadSourceFile("docs/METRICS.md");
+  ASSERT_FALSE(doc.empty()) << "docs/METRICS.md not found";
+  std::set<std::string> documented;
+  std::istringstream lines(doc);
+  for (std::string line; std::getline(lines, line);) {
+    // Table rows: | `name` | type | labels | meaning |
+    if (line.rfind("| `mmdit_", 0) != 0) continue;
+    const size_t name_end = line.find('`', 3);
+    const size_t type_start = line.find("| ", name_end) + 2;
+    const size_t type_end = line.find(' ', type_start);
+    documented.insert(line.substr(3, name_end - 3) + " " +
+                      line.substr(type_start, type_end - type_start));
+  }
+  auto metrics = ServerMetrics::Create({});
+  ASSERT_TRUE(metrics.ok());
+  std::set<std::string> exported;
+  std::istringstream text((*metrics)->Exposition());
+  for (std::string line; std::getline(text, line);) {
+    if (line.rfind("# TYPE ", 0) == 0) exported.insert(line.substr(7));
+  }
+  EXPECT_EQ(documented, exported);
+}
+
+// The Prometheus config of deploy/ is valid, and every query of the Grafana dashboard parses
+// (checked as recording rules) and names only metrics the server exports.
+TEST(DeployTest, PrometheusConfigAndDashboardQueries) {
+  ASSERT_EQ(access(kPromtool, X_OK), 0) << kPromtool << " is missing";
+  const std::string config = ReadSourceFile("deploy/prometheus.yml");
+  ASSERT_FALSE(config.empty());
+  CommandResult r = RunPromtool(
+      absl::StrCat("check config ", MMDIT_SOURCE_DIR, "/deploy/prometheus.yml"), "");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+
+  const nlohmann::json dashboard =
+      nlohmann::json::parse(ReadSourceFile("deploy/grafana/dashboards/mmdit.json"), nullptr,
+                            false);
+  ASSERT_FALSE(dashboard.is_discarded()) << "deploy/grafana/dashboards/mmdit.json is not JSON";
+  auto metrics = ServerMetrics::Create({});
+  ASSERT_TRUE(metrics.ok());
+  // One model and worker, so that every family has a series in the exposition.
+  (*metrics)->SetModelState("m", ModelLoadState::kReady);
+  (*metrics)->SetWorkerInService("m", "cpu:0", true);
+  const std::string exposition = (*metrics)->Exposition();
+  std::string rules = "groups:\n- name: dashboard\n  rules:\n";
+  int count = 0;
+  for (const auto& panel : dashboard["panels"]) {
+    for (const auto& target : panel["targets"]) {
+      std::string expr = target["expr"].get<std::string>();
+      for (const auto& [from, to] : {std::pair<std::string, std::string>{"$__rate_interval", "1m"},
+                                     {"$model", ".*"}}) {
+        for (size_t at; (at = expr.find(from)) != std::string::npos;) {
+          expr.replace(at, from.size(), to);
+        }
+      }
+      // Every mmdit_ name in the query is one the server exports.
+      for (size_t at = 0; (at = expr.find("mmdit_", at)) != std::string::npos;) {
+        size_t end = at;
+        while (end < expr.size() && (std::isalnum(expr[end]) || expr[end] == '_')) ++end;
+        const std::string name = expr.substr(at, end - at);
+        EXPECT_THAT(exposition, HasSubstr("\n" + name)) << panel["title"] << ": " << name;
+        at = end;
+      }
+      absl::StrAppend(&rules, "  - record: dashboard_", ++count, "\n    expr: ",
+                      nlohmann::json(expr).dump(), "\n");
+    }
+  }
+  EXPECT_GT(count, 5);
+  char path[] = "/tmp/mmdit_rules_XXXXXX";
+  const int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  (void)!write(fd, rules.data(), rules.size());
+  close(fd);
+  r = RunPromtool(absl::StrCat("check rules ", path), "");
+  unlink(path);
+  EXPECT_EQ(r.exit_code, 0) << r.output << "\n" << rules;
 }
 
 }  // namespace
