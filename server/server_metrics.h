@@ -41,8 +41,9 @@ class ServerMetrics {
   static absl::StatusOr<std::unique_ptr<ServerMetrics>> Create(const Options& options);
 
   // Declares a model so that its series exist (at 0) before the first request and sets its
-  // load state. Requests naming a model that was never declared are counted under
-  // model="_unknown", so clients cannot grow the label set by sending made-up names.
+  // load state. Every other call counts a model that was never declared here under
+  // model="_unknown", so clients cannot grow the label set by sending made-up names: declare a
+  // model before recording anything for it.
   void SetModelState(absl::string_view model, ModelLoadState state);
 
   // One finished request (any outcome). `status` OK counts a success, otherwise a failure with
