@@ -15,7 +15,7 @@ mmdit_add_test(client_test
   SOURCES client_test.cc
   LIBS mmdit_client mmdit_server mmdit_test_util
   LABELS client)
-add_dependencies(client_test mmdit-client)
+add_dependencies(client_test mmdit-client mmdit-loadgen)
 mmdit_add_test(server_metrics_e2e_test
   SOURCES server_metrics_e2e_test.cc
   LIBS mmdit_server mmdit_client mmdit_test_util

@@ -358,6 +358,26 @@ TEST_F(ClientServerTest, LoadGeneratorCompletesItsRequests) {
   EXPECT_LT(short_report->succeeded, 1000000);
 }
 
+TEST_F(ClientServerTest, MmditLoadgenPrintsThroughputAndPercentiles) {
+  const CommandResult r = RunCommand(absl::StrCat(
+      MMDIT_BINARY_DIR "/client/mmdit-loadgen --server=", address_,
+      " --model=mmdit --concurrency=2 --requests=6 --duration_s=60 --batch=2 --seq_len=5",
+      " --context_len=2 --dim=", fixture_->config.dim, " --wait_ready_s=30"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("requests: 6 ok, 0 failed"));
+  EXPECT_THAT(r.output, HasSubstr("samples/s"));
+  EXPECT_THAT(r.output, HasSubstr("p50"));
+  EXPECT_THAT(r.output, HasSubstr("p90"));
+  EXPECT_THAT(r.output, HasSubstr("p99"));
+
+  // A wrong D fails every request, and the exit code says so.
+  const CommandResult bad = RunCommand(absl::StrCat(
+      MMDIT_BINARY_DIR "/client/mmdit-loadgen --server=", address_,
+      " --concurrency=1 --requests=2 --seq_len=3 --context_len=1 --dim=", fixture_->config.dim + 1));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_THAT(bad.output, HasSubstr("INVALID_ARGUMENT"));
+}
+
 TEST(LoadGeneratorOptionsTest, AreValidated) {
   LoadGenerator::Options options;
   options.concurrency = 0;
