@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "proto/health.pb.h"
 
 namespace mmdit {
 namespace {
@@ -115,6 +116,9 @@ absl::Status Server::Start() {
     if (started_) return absl::FailedPreconditionError("the server was already started");
     started_ = true;
   }
+  // gRPC's built-in health service carries no protobuf descriptor; naming ours links it in, so
+  // that reflection clients (grpcurl) can describe and call grpc.health.v1.Health too.
+  (void)grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

@@ -16,6 +16,8 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/impl/codegen/rpc_method.h"
+#include "grpcpp/impl/codegen/sync_stream.h"
 #include "kernels/cpu/reference_forward.h"
 #include "kernels/half_float.h"
 #include "proto/grpc_service.grpc.pb.h"
@@ -817,6 +819,46 @@ TEST_F(ServerTest, MetadataReadinessAndHealth) {
   }
 }
 
+// One round trip of grpc.reflection.v1alpha.ServerReflection with a hand-encoded request; the
+// answer's bytes are returned as they came (names and descriptors appear in them verbatim).
+std::string ReflectionCall(grpc::Channel* channel, const std::string& request_bytes) {
+  static const char kMethod[] = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
+  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> rw(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+          channel, grpc::internal::RpcMethod(kMethod, grpc::internal::RpcMethod::BIDI_STREAMING),
+          &ctx));
+  grpc::Slice slice(request_bytes);
+  grpc::ByteBuffer request(&slice, 1);
+  EXPECT_TRUE(rw->Write(request));
+  rw->WritesDone();
+  grpc::ByteBuffer response;
+  std::string out;
+  if (rw->Read(&response)) {
+    std::vector<grpc::Slice> slices;
+    EXPECT_TRUE(response.Dump(&slices).ok());
+    for (const grpc::Slice& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  EXPECT_TRUE(rw->Finish().ok());
+  return out;
+}
+
+TEST_F(ServerTest, ReflectionListsAndDescribesTheServices) {
+  StartModels({SmallModel("m", 4)});
+  // ServerReflectionRequest.list_services (field 7) = "".
+  const std::string list = ReflectionCall(channel_.get(), std::string("\x3a\x00", 2));
+  EXPECT_NE(list.find("inference.GRPCInferenceService"), std::string::npos);
+  EXPECT_NE(list.find("grpc.health.v1.Health"), std::string::npos);
+  // ServerReflectionRequest.file_containing_symbol (field 4): the descriptors come back.
+  for (const std::string symbol : {"inference.GRPCInferenceService", "grpc.health.v1.Health"}) {
+    const std::string req = std::string("\x22") + static_cast<char>(symbol.size()) + symbol;
+    const std::string file = ReflectionCall(channel_.get(), req);
+    const char* message = symbol[0] == 'i' ? "ModelInferRequest" : "HealthCheckRequest";
+    EXPECT_NE(file.find(message), std::string::npos) << symbol;
+  }
+}
+
 TEST_F(ServerTest, StatisticsCountWhatWasSent) {
   auto model = SmallModel("m", 8);
   StartModels({model});
@@ -840,6 +882,26 @@ TEST_F(ServerTest, StatisticsCountWhatWasSent) {
   req.set_name("nope");
   inference::ModelStatisticsResponse resp;
   EXPECT_EQ(stub_->ModelStatistics(&ctx, req, &resp).error_code(), grpc::NOT_FOUND);
+
+  // One bad request, then the Prometheus exposition holds exactly what was sent.
+  ModelInferRequest bad = MakeRequest(RandomInputs(1, 3, 2, 89), "m");
+  bad.mutable_inputs(0)->set_datatype("INT8");
+  ModelInferResponse bad_resp;
+  EXPECT_EQ(Infer(bad, &bad_resp).error_code(), grpc::INVALID_ARGUMENT);
+  const std::string text = server_->metrics()->Exposition();
+  for (const std::string line : {
+           std::string("mmdit_request_success_total{model=\"m\"} 3"),
+           std::string("mmdit_request_failure_total{model=\"m\",reason=\"invalid_argument\"} 1"),
+           absl::StrCat("mmdit_inference_count_total{model=\"m\"} ", samples),
+           std::string("mmdit_inference_exec_count_total{model=\"m\"} 3"),
+           std::string("mmdit_batch_size_count{model=\"m\"} 3"),
+           std::string("mmdit_queue_duration_seconds_count{model=\"m\"} 3"),
+           std::string("mmdit_request_duration_seconds_count{model=\"m\"} 4"),
+           std::string("mmdit_pending_requests{model=\"m\"} 0"),
+           std::string("mmdit_model_load_state{model=\"m\",state=\"ready\"} 1"),
+       }) {
+    EXPECT_NE(text.find(line + "\n"), std::string::npos) << line << "\n" << text;
+  }
 }
 
 // ---- shutdown ----
