@@ -50,25 +50,47 @@ __device__ __forceinline__ float Silu(float v) {
   }
 }
 
-// acc[kMT][kNT] += A[tile rows][kD] (shared, stride kAs) x (W rows nt0*8.., columns ks0*16..)^T.
+// Where one D-wide GEMM pass of a warp reads its weights: fragments of rows nt0*8.. and
+// k-steps ks0.. of a matrix with ks_total k16 steps per row.
+template <Precision P>
+struct WDesc {
+  const typename Prec<P>::W* wf;
+  int ks_total;
+  int nt0;
+  int ks0;
+};
+
+// The bf16 weight fragments of one pass, in registers (32 for D = 128).
+template <int kD>
+struct WFrags {
+  uint2 b[kD / 16][kD / 64];
+};
+
+template <int kD>
+__device__ __forceinline__ void LoadFrags(WFrags<kD>& f, const WDesc<Precision::kBf16>& d) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < kD / 16; ++i)
+#pragma unroll
+    for (int n = 0; n < kD / 64; ++n) {
+      f.b[i][n] = __ldg(d.wf + ((size_t)(d.nt0 + n) * d.ks_total + d.ks0 + i) * 32 + lane);
+    }
+}
+
+// acc[kMT][kNT] += A[tile rows][kD] (shared, stride kAs) x W(cur)^T.
+// bf16: the fragments of `cur` are already in `f`; as each k-step consumes its fragments, the
+// same registers are refilled with the next pass's (`next`), so a pass's weight loads overlap
+// the previous pass's MMAs instead of stalling on L2 after each barrier (19 us per row launch at
+// B = 1, 12 such passes per launch, before this).
+// fp32 (3xTF32): loads per k-step from `cur`; `f` and `next` are unused.
 template <Precision P, int kD, int kMT>
 __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
-                                         const typename Prec<P>::T* as,
-                                         const typename Prec<P>::W* wf, int ks_total, int nt0,
-                                         int ks0) {
+                                         const typename Prec<P>::T* as, WFrags<kD>& f,
+                                         const WDesc<P>& cur, const WDesc<P>& next) {
   using S = RowShape<P, kD, kMT>;
   constexpr int kNT = S::kNT;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   if constexpr (P == Precision::kBf16) {
-    // All of the pass's weight fragments in flight at once (32 registers): the first version
-    // loaded them per k-step and was bound by L2 latency (222 us per launch at B = 256).
-    uint2 b[kD / 16][kNT];
-#pragma unroll
-    for (int i = 0; i < kD / 16; ++i)
-#pragma unroll
-      for (int n = 0; n < kNT; ++n) {
-        b[i][n] = __ldg(wf + ((size_t)(nt0 + n) * ks_total + ks0 + i) * 32 + lane);
-      }
 #pragma unroll
     for (int i = 0; i < kD / 16; ++i) {
 #pragma unroll
@@ -76,20 +98,26 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
         uint32_t a[4];
         LdMatrixX4(a, as + (16 * m + (lane & 15)) * S::kAs + 16 * i + (lane >> 4) * 8);
 #pragma unroll
-        for (int n = 0; n < kNT; ++n) MmaBf16(acc[m][n], a, b[i][n].x, b[i][n].y);
+        for (int n = 0; n < kNT; ++n) MmaBf16(acc[m][n], a, f.b[i][n].x, f.b[i][n].y);
+      }
+      if (next.wf != nullptr) {
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          f.b[i][n] = __ldg(next.wf + ((size_t)(next.nt0 + n) * next.ks_total + next.ks0 + i) * 32 +
+                            lane);
+        }
       }
     }
-    return;
-  }
+  } else {
 #pragma unroll 2
-  for (int i = 0; i < kD / 16; ++i) {
-    if constexpr (P == Precision::kFp32) {
+    for (int i = 0; i < kD / 16; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float4 b[kNT];
 #pragma unroll
         for (int n = 0; n < kNT; ++n) {
-          b[n] = __ldg(wf + (((size_t)(nt0 + n) * ks_total + ks0 + i) * 2 + h) * 32 + lane);
+          b[n] = __ldg(cur.wf + (((size_t)(cur.nt0 + n) * cur.ks_total + cur.ks0 + i) * 2 + h) *
+                                    32 + lane);
         }
 #pragma unroll
         for (int m = 0; m < kMT; ++m) {
@@ -190,6 +218,34 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1) RowKe
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int col0 = lane * kCols;
 
+  // The passes of this launch, in order: [out, (up, down) x F/D] for post_layer, then
+  // [q, k, v] for qkv_layer.
+  const StreamWeightsDev* wp =
+      p.post_layer >= 0 ? &p.weights[p.post_layer * 2 + tile.stream] : nullptr;
+  const StreamWeightsDev* wq =
+      p.qkv_layer >= 0 ? &p.weights[p.qkv_layer * 2 + tile.stream] : nullptr;
+  const int num_fc = p.dim_ff / kD;
+  const WDesc<P> none{nullptr, 0, 0, 0};
+  auto out_d = [&] { return WDesc<P>{static_cast<const W*>(wp->out_w), kD / 16, warp * kNT, 0}; };
+  auto up_d = [&](int fc) {
+    return WDesc<P>{static_cast<const W*>(wp->up_w), kD / 16, fc * (kD / 8) + warp * kNT, 0};
+  };
+  auto down_d = [&](int fc) {
+    return WDesc<P>{static_cast<const W*>(wp->down_w), p.dim_ff / 16, warp * kNT,
+                    fc * (kD / 16)};
+  };
+  auto qkv_d = [&](int c) {
+    return WDesc<P>{static_cast<const W*>(wq->qkv_w), kD / 16, c * (kD / 8) + warp * kNT, 0};
+  };
+  WFrags<kD> frags;
+  if constexpr (P == Precision::kBf16) {
+    if (wp != nullptr) {
+      LoadFrags(frags, out_d());
+    } else if (wq != nullptr) {
+      LoadFrags(frags, qkv_d(0));
+    }
+  }
+
   for (int i = threadIdx.x; i < kM * kD / 4; i += kThreads) {
     const int r = i / (kD / 4), c = (i % (kD / 4)) * 4;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -213,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1) RowKe
     }
     __syncthreads();
     ZeroAcc(acc);
-    WarpGemm<P, kD, kMT>(acc, as, static_cast<const W*>(w.out_w), kD / 16, warp * kNT, 0);
+    WarpGemm<P, kD, kMT>(acc, as, frags, out_d(), up_d(0));
     StoreAcc<kMT, kNT, kXs>(ss, acc, w.out_b, warp);
     __syncthreads();
     // RMSNorm of the projection, gated residual, modulated LayerNorm for the MLP.
@@ -233,10 +289,9 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1) RowKe
     __syncthreads();
     float acc2[kMT][kNT][4];
     ZeroAcc(acc2);
-    for (int fc = 0; fc < p.dim_ff / kD; ++fc) {
+    for (int fc = 0; fc < num_fc; ++fc) {
       ZeroAcc(acc);
-      WarpGemm<P, kD, kMT>(acc, as, static_cast<const W*>(w.up_w), kD / 16,
-                           fc * (kD / 8) + warp * kNT, 0);
+      WarpGemm<P, kD, kMT>(acc, as, frags, up_d(fc), down_d(fc));
 #pragma unroll
       for (int n = 0; n < kNT; ++n) {
         const int col = (warp * kNT + n) * 8 + 2 * t;
@@ -250,8 +305,8 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1) RowKe
         }
       }
       __syncthreads();
-      WarpGemm<P, kD, kMT>(acc2, hs, static_cast<const W*>(w.down_w), p.dim_ff / 16, warp * kNT,
-                           fc * (kD / 16));
+      WarpGemm<P, kD, kMT>(acc2, hs, frags, down_d(fc),
+                           fc + 1 < num_fc ? up_d(fc + 1) : (wq != nullptr ? qkv_d(0) : none));
       __syncthreads();
     }
 #pragma unroll
@@ -296,8 +351,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1) RowKe
     T* const dst[3] = {static_cast<T*>(p.q), static_cast<T*>(p.k), static_cast<T*>(p.v)};
     for (int c = 0; c < 3; ++c) {
       ZeroAcc(acc);
-      WarpGemm<P, kD, kMT>(acc, as, static_cast<const W*>(w.qkv_w), kD / 16,
-                           c * (kD / 8) + warp * kNT, 0);
+      WarpGemm<P, kD, kMT>(acc, as, frags, qkv_d(c), c < 2 ? qkv_d(c + 1) : none);
       StoreAcc<kMT, kNT, kXs>(ss, acc, w.qkv_b + c * kD, warp);
       __syncthreads();
       for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
