@@ -1,7 +1,10 @@
 // The real mmdit-server binary: started on 127.0.0.1 with port 0 and a temporary model
 // repository, it answers a fixture through gRPC, and on SIGTERM refuses new work, finishes what
 // is queued and exits 0. A bad repository fails at start-up with a message and a non-zero exit.
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -87,18 +90,40 @@ class ServerProcess {
   std::string log_;
 };
 
-// Waits (bounded) for --port_file and returns its grpc_port, or 0.
-int WaitForGrpcPort(ServerProcess& server, const std::string& port_file) {
+// Waits (bounded) for --port_file and returns its `key` ("grpc_port", "http_port"), or 0.
+int WaitForPort(ServerProcess& server, const std::string& port_file, const std::string& key) {
   const absl::Time give_up = absl::Now() + absl::Seconds(90);
   while (absl::Now() < give_up && server.running()) {
     const std::string text = ReadFile(port_file);
     for (absl::string_view line : absl::StrSplit(text, '\n')) {
       int port = 0;
-      if (absl::ConsumePrefix(&line, "grpc_port=") && absl::SimpleAtoi(line, &port)) return port;
+      if (absl::ConsumePrefix(&line, key + "=") && absl::SimpleAtoi(line, &port)) return port;
     }
     absl::SleepFor(absl::Milliseconds(20));
   }
   return 0;
+}
+
+// GET `path` from 127.0.0.1:`port`; the whole answer (status line, headers, body), or "".
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  timeval tv{10, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string out;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if (send(fd, req.data(), req.size(), 0) == static_cast<ssize_t>(req.size())) {
+      char buf[4096];
+      ssize_t n;
+      while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) out.append(buf, n);
+    }
+  }
+  close(fd);
+  return out;
 }
 
 inference::ModelInferRequest FixtureRequest(const testing::Fixture& f) {
@@ -144,8 +169,14 @@ TEST(ServerBinaryTest, ServesAFixtureThenDrainsOnSigtermAndExitsZero) {
                         "--http_port=0", "--port_file=" + port_file, "--cpu_threads=1",
                         "--exit_timeout_secs=30"},
                        dir + "/server.log");
-  const int port = WaitForGrpcPort(server, port_file);
+  const int port = WaitForPort(server, port_file, "grpc_port");
   ASSERT_GT(port, 0) << server.log();
+  const int http_port = WaitForPort(server, port_file, "http_port");
+  ASSERT_GT(http_port, 0) << server.log();
+  EXPECT_TRUE(absl::StartsWith(HttpGet(http_port, "/v2/health/ready"), "HTTP/1.1 200"));
+  EXPECT_TRUE(absl::StartsWith(HttpGet(http_port, "/v2/health/live"), "HTTP/1.1 200"));
+  EXPECT_TRUE(absl::StrContains(HttpGet(http_port, "/metrics"),
+                                "mmdit_model_load_state{model=\"small\",state=\"ready\"} 1"));
   EXPECT_TRUE(absl::StrContains(server.log(),
                                 absl::StrCat("grpc listening on 127.0.0.1:", port)))
       << server.log();
