@@ -139,12 +139,13 @@ std::unique_ptr<CpuFastForward> MakeFast(const ModelWeights& weights, int thread
   return fast.ok() ? std::move(*fast) : nullptr;
 }
 
-// Both instruction-set variants: the one this CPU picks, and the generic one every x86-64 runs.
-class CpuFastForwardTest : public ::testing::TestWithParam<bool> {
+// Every instruction-set variant this CPU runs: the widest (picked by default), AVX2 and the
+// generic one every x86-64 runs.
+class CpuFastForwardTest : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
-    if (GetParam()) {
-      setenv("MMDIT_CPU_KERNELS", "generic", 1);
+    if (*GetParam() != '\0') {
+      setenv("MMDIT_CPU_KERNELS", GetParam(), 1);
     } else {
       unsetenv("MMDIT_CPU_KERNELS");
     }
@@ -230,9 +231,10 @@ TEST_P(CpuFastForwardTest, ReusedAcrossShapes) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, CpuFastForwardTest, ::testing::Values(false, true),
-                         [](const ::testing::TestParamInfo<bool>& info) {
-                           return info.param ? "Generic" : "Native";
+INSTANTIATE_TEST_SUITE_P(Kernels, CpuFastForwardTest, ::testing::Values("", "avx2", "generic"),
+                         [](const ::testing::TestParamInfo<const char*>& info) {
+                           return *info.param == '\0' ? std::string("Widest")
+                                                       : std::string(info.param);
                          });
 
 TEST(CpuFastForwardErrorsTest, RejectsBadOptions) {

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -67,13 +68,19 @@ int UsableCores() {
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
+// The widest variant this CPU runs; MMDIT_CPU_KERNELS=avx2 or =generic picks a narrower one
+// (the tests check every variant the machine can run).
 const cpu_fast::Kernels& SelectKernels() {
   const char* force = std::getenv("MMDIT_CPU_KERNELS");
-  if (force != nullptr && std::strcmp(force, "generic") == 0) return cpu_fast::generic::kKernels;
+  const std::string forced = force != nullptr ? force : "";
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return cpu_fast::avx2::kKernels;
-  }
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq");
+  if (forced == "generic") return cpu_fast::generic::kKernels;
+  if (avx512 && forced != "avx2") return cpu_fast::avx512::kKernels;
+  if (avx2) return cpu_fast::avx2::kKernels;
   return cpu_fast::generic::kKernels;
 }
 

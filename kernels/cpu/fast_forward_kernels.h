@@ -1,6 +1,7 @@
 // The per-task bodies of the CPU fast forward, compiled once per instruction set
-// (fast_forward_avx2.cc with AVX2+FMA, fast_forward_generic.cc for any x86-64) and picked at
-// run time from the CPU's features, so the build itself never assumes more than x86-64.
+// (fast_forward_avx512.cc, fast_forward_avx2.cc with AVX2+FMA, fast_forward_generic.cc for any
+// x86-64) and picked at run time from the CPU's features, so the build itself never assumes more
+// than x86-64.
 #pragma once
 
 #include <cstddef>
@@ -35,11 +36,8 @@ struct ModelParams {
 
 // Keys are processed in blocks of this many; K and V rows are padded to a multiple of it.
 inline constexpr int kKeyBlock = 16;
-// Query rows per attention micro-tile.
-#ifndef MMDIT_QUERY_TILE
-#define MMDIT_QUERY_TILE 4
-#endif
-inline constexpr int kQueryTile = MMDIT_QUERY_TILE;
+// Attention tasks split a head's queries on multiples of this (the largest micro-tile).
+inline constexpr int kQueryTile = 8;
 
 // One sample's place in the batch and its attention workspace.
 struct SampleWork {
@@ -95,6 +93,9 @@ struct Kernels {
   const char* name;
 };
 
+namespace avx512 {
+extern const Kernels kKernels;
+}
 namespace avx2 {
 extern const Kernels kKernels;
 }

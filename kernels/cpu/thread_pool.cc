@@ -41,7 +41,7 @@ void ThreadPool::WorkerLoop(int thread) {
   }
 }
 
-void ThreadPool::ParallelFor(int num_tasks, const std::function<void(int, int)>& fn) {
+void ThreadPool::ParallelFor(int num_tasks, absl::FunctionRef<void(int, int)> fn) {
   if (num_tasks <= 0) return;
   if (workers_.empty() || num_tasks == 1) {
     for (int task = 0; task < num_tasks; ++task) fn(task, 0);

@@ -5,10 +5,11 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include "absl/functional/function_ref.h"
 
 namespace mmdit {
 
@@ -23,8 +24,9 @@ class ThreadPool {
 
   // Calls fn(task, thread) for every task in [0, num_tasks), tasks taken in order by whichever
   // thread is free (`thread` in [0, num_threads) names the caller's scratch); returns when all
-  // are done. Not reentrant: one loop at a time.
-  void ParallelFor(int num_tasks, const std::function<void(int task, int thread)>& fn);
+  // are done. Not reentrant: one loop at a time. FunctionRef, not std::function: a forward
+  // runs 2N + 2 loops and none of them may allocate.
+  void ParallelFor(int num_tasks, absl::FunctionRef<void(int task, int thread)> fn);
 
  private:
   void WorkerLoop(int thread);
@@ -38,7 +40,7 @@ class ThreadPool {
   uint64_t generation_ = 0;  // guarded by mu_
   int running_ = 0;          // workers still in the current loop; guarded by mu_
   bool stop_ = false;        // guarded by mu_
-  const std::function<void(int, int)>* fn_ = nullptr;
+  const absl::FunctionRef<void(int, int)>* fn_ = nullptr;
   int num_tasks_ = 0;
   std::atomic<int> next_task_{0};
 };
