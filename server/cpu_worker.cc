@@ -32,7 +32,8 @@ absl::StatusOr<std::unique_ptr<CpuWorker>> CpuWorker::Create(const ModelWeights*
       return created.status();
     }
   }
-  return std::unique_ptr<CpuWorker>(new CpuWorker(weights, std::move(name), std::move(fast)));
+  return std::unique_ptr<CpuWorker>(
+      new CpuWorker(weights, std::move(name), std::move(fast), options.fallback_only));
 }
 
 absl::Status CpuWorker::Run(ForwardBatch batch) {

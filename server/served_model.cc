@@ -47,17 +47,19 @@ absl::StatusOr<std::vector<std::unique_ptr<Worker>>> BuildWorkers(const LoadedMo
   std::vector<std::unique_ptr<Worker>> workers;
   int cpu_index = 0;
   int gpu_index = 0;
-  auto add_cpu = [&](int count) -> absl::Status {
+  auto add_cpu = [&](int count, bool fallback_only = false) -> absl::Status {
     for (int i = 0; i < count; ++i) {
       CpuWorker::Options options;
       options.index = cpu_index++;
       options.threads = cpu_threads;
       options.max_batch_size = max_batch_size;
+      options.fallback_only = fallback_only;
       absl::StatusOr<std::unique_ptr<CpuWorker>> worker = CpuWorker::Create(&model.weights, options);
       if (!worker.ok()) return worker.status();
       std::cerr << "mmdit-server: model '" << config.name() << "' worker " << (*worker)->name()
                 << " (CPU forward, " << (*worker)->path() << " path, "
                 << (cpu_threads > 0 ? absl::StrCat(cpu_threads, " threads") : "all cores")
+                << (fallback_only ? "; fallback only, while no GPU worker is in service" : "")
                 << ")\n";
       workers.push_back(*std::move(worker));
     }
@@ -103,6 +105,11 @@ absl::StatusOr<std::vector<std::unique_ptr<Worker>>> BuildWorkers(const LoadedMo
       }
     }
   }
+  if (gpu_index > 0 && cpu_index == 0) {
+    // Only GPU workers: one CPU worker stands by, so that a CUDA error on the last GPU worker
+    // re-runs its batch instead of failing it.
+    if (absl::Status s = add_cpu(1, /*fallback_only=*/true); !s.ok()) return s;
+  }
   return workers;
 }
 
@@ -135,7 +142,11 @@ absl::StatusOr<std::unique_ptr<ServedModel>> ServedModel::Create(
   if (workers->empty()) {
     return absl::InvalidArgumentError(absl::StrCat("model '", config.name(), "' has no workers"));
   }
-  const int num_workers = static_cast<int>(workers->size());
+  // One batch thread per worker that takes batches in normal operation: a batch is formed only
+  // when one of them can run it. Fallback workers run batches on those same threads.
+  int num_workers = 0;
+  for (const std::unique_ptr<Worker>& w : *workers) num_workers += w->fallback_only() ? 0 : 1;
+  num_workers = std::max(num_workers, 1);
   {
     absl::MutexLock lock(&served->workers_mu_);
     for (std::unique_ptr<Worker>& w : *workers) {
@@ -335,24 +346,30 @@ void ServedModel::ProcessBatch(Batcher::Batch batch) {
   }
 }
 
+ServedModel::WorkerSlot* ServedModel::IdleWorkerLocked() {
+  bool primary_in_service = false;
+  for (const WorkerSlot& slot : workers_) {
+    primary_in_service |= slot.in_service && !slot.worker->fallback_only();
+  }
+  for (WorkerSlot& slot : workers_) {
+    if (!slot.in_service || slot.busy) continue;
+    if (primary_in_service && slot.worker->fallback_only()) continue;
+    return &slot;
+  }
+  return nullptr;
+}
+
 ServedModel::WorkerSlot* ServedModel::AcquireWorker() {
   absl::MutexLock lock(&workers_mu_);
   auto available = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(workers_mu_) {
     bool any_in_service = false;
-    for (const WorkerSlot& slot : workers_) {
-      if (slot.in_service && !slot.busy) return true;
-      any_in_service |= slot.in_service;
-    }
-    return !any_in_service;
+    for (const WorkerSlot& slot : workers_) any_in_service |= slot.in_service;
+    return !any_in_service || IdleWorkerLocked() != nullptr;
   };
   workers_mu_.Await(absl::Condition(&available));
-  for (WorkerSlot& slot : workers_) {
-    if (slot.in_service && !slot.busy) {
-      slot.busy = true;
-      return &slot;
-    }
-  }
-  return nullptr;
+  WorkerSlot* slot = IdleWorkerLocked();
+  if (slot != nullptr) slot->busy = true;
+  return slot;
 }
 
 void ServedModel::ReleaseWorker(WorkerSlot* slot, bool in_service) {

@@ -114,6 +114,8 @@ class ServedModel {
   // Runs `samples` on an idle worker in service, moving on to the next one when a worker fails.
   absl::Status RunOnAnyWorker(ForwardBatch samples, std::string* worker_name);
   WorkerSlot* AcquireWorker();
+  // An idle worker in service; fallback workers only while no other worker is in service.
+  WorkerSlot* IdleWorkerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(workers_mu_);
   void ReleaseWorker(WorkerSlot* slot, bool in_service);
   void AddPending(int delta);
 
@@ -151,7 +153,8 @@ class ServedModel {
 
 // The workers of `model`'s instance_group: KIND_CPU count N → N CPU workers; KIND_GPU and
 // KIND_AUTO → GPU workers when a GPU worker library registered and a GPU exists, else CPU
-// workers (said on stderr). No instance_group: one KIND_AUTO worker.
+// workers (said on stderr). No instance_group: one KIND_AUTO worker. A set of GPU workers only
+// gets one fallback-only CPU worker beside them.
 absl::StatusOr<std::vector<std::unique_ptr<Worker>>> BuildWorkers(const LoadedModel& model,
                                                                   int cpu_threads);
 

@@ -23,6 +23,9 @@ class Worker {
   virtual absl::Status Run(ForwardBatch batch) = 0;
   // "cpu:0", "gpu:1", …: the label of its metrics and log lines.
   virtual std::string name() const = 0;
+  // A fallback worker takes batches only while no other worker of the model is in service (the
+  // CPU worker beside GPU workers, so that a GPU error does not take the model down).
+  virtual bool fallback_only() const { return false; }
 };
 
 // What a GPU worker factory gets for one worker of an instance group.

@@ -228,8 +228,15 @@ class GatedWorker final : public Worker {
       return mu.AwaitWithTimeout(absl::Condition(&done), absl::Seconds(20));
     }
   };
-  GatedWorker(const ModelWeights* w, Gate* gate, int index, int fail_after = -1)
-      : weights_(w), gate_(gate), index_(index), fail_after_(fail_after) {}
+  GatedWorker(const ModelWeights* w, Gate* gate, int index, int fail_after = -1,
+              bool fallback_only = false)
+      : weights_(w),
+        gate_(gate),
+        index_(index),
+        fail_after_(fail_after),
+        fallback_only_(fallback_only) {}
+  bool fallback_only() const override { return fallback_only_; }
+  int runs() const { return runs_.load(); }
 
   absl::Status Run(ForwardBatch batch) override {
     const int run = runs_++;
@@ -251,6 +258,7 @@ class GatedWorker final : public Worker {
   Gate* gate_;
   int index_;
   int fail_after_;
+  bool fallback_only_;
   std::atomic<int> runs_{0};
 };
 
@@ -676,6 +684,38 @@ TEST_F(ServerTest, FailingWorkerIsTakenOutAndItsBatchRunsElsewhere) {
   inference::ServerReadyResponse ready;
   ASSERT_TRUE(stub_->ServerReady(&ctx, {}, &ready).ok());
   EXPECT_TRUE(ready.ready());
+}
+
+TEST_F(ServerTest, FallbackWorkerRunsBatchesOnlyOnceNoPrimaryIsLeft) {
+  auto model = SmallModel("m", 4);
+  GatedWorker* primary = nullptr;
+  GatedWorker* fallback = nullptr;
+  // The primary passes warm-up and two batches, then fails.
+  StartModels({model}, [&](const LoadedModel& m)
+                  -> absl::StatusOr<std::vector<std::unique_ptr<Worker>>> {
+    std::vector<std::unique_ptr<Worker>> workers;
+    auto p = std::make_unique<GatedWorker>(&m.weights, &gate_, 0, /*fail_after=*/3);
+    auto f = std::make_unique<GatedWorker>(&m.weights, &gate_, 1, -1, /*fallback_only=*/true);
+    primary = p.get();
+    fallback = f.get();
+    workers.push_back(std::move(p));
+    workers.push_back(std::move(f));
+    return workers;
+  });
+  const Inputs in = RandomInputs(2, 4, 3, 95);
+  const Outputs want = Expected(model->weights, in);
+  for (int i = 0; i < 4; ++i) {
+    ModelInferResponse resp;
+    grpc::Status s = Infer(MakeRequest(in, "m"), &resp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_LE(testing::RelativeError(ParseResponse(resp, in).x_out, want.x_out), 1e-5);
+    // Warm-up ran once on each; the fallback takes batches only after the primary failed.
+    EXPECT_EQ(fallback->runs(), i < 2 ? 1 : i);
+  }
+  EXPECT_EQ(primary->runs(), 4);  // warm-up, two batches, one failure
+  EXPECT_EQ(Model("m")->workers_in_service(), 1);
+  EXPECT_EQ(Model("m")->batch_reruns(), 1);
+  EXPECT_TRUE(server_->ready());
 }
 
 TEST_F(ServerTest, NoWorkerPassingWarmUpMeansLiveButNotReady) {
