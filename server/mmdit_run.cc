@@ -13,6 +13,7 @@
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/cpu/fast_forward.h"
 #include "kernels/cpu/reference_forward.h"
 #include "kernels/forward_sample.h"
 #include "kernels/safetensors.h"
@@ -29,6 +30,9 @@ ABSL_FLAG(int64_t, version, 0, "Model version; 0: the highest");
 ABSL_FLAG(std::string, inputs, "", "Input .safetensors holding x, y, context [, attn_mask, start_pos]");
 ABSL_FLAG(std::string, outputs, "", "Output .safetensors to write x_out and context_out to");
 ABSL_FLAG(std::string, device, "auto", "Where to run: auto (a GPU if there is one), cpu or cuda");
+ABSL_FLAG(std::string, cpu_forward, "fast",
+          "CPU path: fast (blocked GEMMs, all cores) or reference (the plain oracle)");
+ABSL_FLAG(int, cpu_threads, 0, "Threads of the fast CPU path; 0: every core");
 
 namespace mmdit {
 namespace {
@@ -146,7 +150,17 @@ absl::StatusOr<std::string> Forward(const LoadedModel& model, const std::string&
     return absl::UnimplementedError("this build has no CUDA forward; use --device=cpu");
   }
 #endif
-  if (absl::Status s = ReferenceForward(model.weights, batch); !s.ok()) return s;
+  if (absl::GetFlag(FLAGS_cpu_forward) == "reference") {
+    if (absl::Status s = ReferenceForward(model.weights, batch); !s.ok()) return s;
+    return std::string("cpu (reference)");
+  }
+  CpuForwardOptions options;
+  options.threads = absl::GetFlag(FLAGS_cpu_threads);
+  options.max_batch_size = static_cast<int>(batch.size());
+  absl::StatusOr<std::unique_ptr<CpuFastForward>> forward =
+      CpuFastForward::Create(model.weights, options);
+  if (!forward.ok()) return forward.status();
+  if (absl::Status s = (*forward)->Run(batch); !s.ok()) return s;
   return std::string("cpu");
 }
 
@@ -157,6 +171,11 @@ absl::Status Run() {
     return absl::InvalidArgumentError("--inputs and --outputs are required");
   }
   const std::string device = absl::GetFlag(FLAGS_device);
+  const std::string cpu_forward = absl::GetFlag(FLAGS_cpu_forward);
+  if (cpu_forward != "fast" && cpu_forward != "reference") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--cpu_forward must be fast or reference; was \"", cpu_forward, "\""));
+  }
   if (device != "auto" && device != "cpu" && device != "cuda") {
     return absl::InvalidArgumentError(
         absl::StrCat("--device must be auto, cpu or cuda; was \"", device, "\""));

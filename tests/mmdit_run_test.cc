@@ -65,13 +65,16 @@ class MmditRunTest : public ::testing::Test {
   testing::Fixture fixture_;
 };
 
-TEST_F(MmditRunTest, ReproducesEveryFixtureWithin1e5) {
+class MmditRunFixtureTest : public MmditRunTest,
+                            public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(MmditRunFixtureTest, ReproducesEveryFixtureWithin1e5) {
   for (const std::string& name : testing::FixtureNames()) {
     testing::Fixture f = testing::LoadFixture(name);
     testing::WriteModelRepository(dir_ + "/repo_" + name, name, f.config, f.weights_path());
     const std::string out = dir_ + "/" + name + "_out.safetensors";
     Result r = RunTool("--model_repository " + dir_ + "/repo_" + name + " --inputs " +
-                       f.io_path() + " --outputs " + out + " --device cpu");
+                       f.io_path() + " --outputs " + out + " --device cpu --cpu_forward " + GetParam());
     ASSERT_EQ(r.exit_code, 0) << r.output;
     // The fixture files also hold the expected outputs: those are reported as ignored.
     EXPECT_THAT(r.output, HasSubstr("ignoring tensors not used as inputs: context_out"));
@@ -85,6 +88,8 @@ TEST_F(MmditRunTest, ReproducesEveryFixtureWithin1e5) {
     EXPECT_LE(testing::RelativeError(*c_out, f.context_out_f64), 1e-5) << name;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(CpuPaths, MmditRunFixtureTest, ::testing::Values("fast", "reference"));
 
 TEST_F(MmditRunTest, AcceptsYAsTwoDimensional) {
   const int64_t b = fixture_.batch, d = fixture_.config.dim;
@@ -116,6 +121,7 @@ TEST_F(MmditRunTest, BadInputsFailWithAClearMessage) {
       {"--model_repository " + dir_ + "/repo --inputs " + fixture_.io_path(),
        "--inputs and --outputs are required"},
       {Flags(fixture_.io_path()) + " --device tpu", "--device must be auto, cpu or cuda"},
+      {Flags(fixture_.io_path()) + " --cpu_forward slow", "--cpu_forward must be fast or reference"},
       {"--model_repository " + dir_ + "/nothing --inputs a --outputs b", "is not a directory"},
   };
   for (const Case& c : cases) {
