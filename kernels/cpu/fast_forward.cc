@@ -1,13 +1,14 @@
 #include "kernels/cpu/fast_forward.h"
 
 #include <cblas.h>
-#include <dlfcn.h>
 #include <sched.h>
+#include <strings.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <string>
 #include <utility>
@@ -51,14 +52,45 @@ constexpr int kMinRowsPerTask = 48;
 // Fewest queries of one head per attention task.
 constexpr int kMinQueriesPerTask = 64;
 
-// OpenBLAS threads inside our own threads would oversubscribe the cores (several CPU workers
-// each running `threads` threads): every GEMM here is issued single-threaded from a task.
-// openblas_set_num_threads is looked up at run time so any CBLAS links.
-void UseSingleThreadedBlas() {
-  using SetThreads = void (*)(int);
-  if (auto* set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) {
-    set(1);
-  }
+// OpenBLAS's own entry points, weak so that any other CBLAS links too (they stay null then).
+extern "C" {
+void openblas_set_num_threads(int) __attribute__((weak));
+char* openblas_get_corename() __attribute__((weak));
+void gotoblas_dynamic_init() __attribute__((weak));
+void gotoblas_dynamic_quit() __attribute__((weak));
+}
+
+bool CpuHasAvx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+}
+
+// Once per process, before any GEMM of ours:
+// - OpenBLAS runs single-threaded: its threads inside ours would oversubscribe the cores
+//   (several CPU workers each run `threads` threads), so every GEMM is issued from a task.
+// - Debian 12's OpenBLAS (0.3.21) picks its kernels by CPU model and does not know recent Xeons:
+//   on a Xeon of model 207 (Emerald Rapids, under KVM) it chose "Prescott" (SSE3) kernels and
+//   the forward ran 40 samples/s at batch 8 on 2 cores; with its SkylakeX (AVX-512) kernels,
+//   105. Where the CPU has AVX-512, OpenBLAS chose a core without it, and the user has not
+//   chosen one (OPENBLAS_CORETYPE), its core selection is re-run with SkylakeX forced.
+void ConfigureBlas() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (openblas_set_num_threads != nullptr) openblas_set_num_threads(1);
+    if (openblas_get_corename == nullptr || gotoblas_dynamic_init == nullptr ||
+        gotoblas_dynamic_quit == nullptr || std::getenv("OPENBLAS_CORETYPE") != nullptr ||
+        !CpuHasAvx512()) {
+      return;
+    }
+    const char* core = openblas_get_corename();
+    for (const char* avx512_core : {"SkylakeX", "Cooperlake", "SapphireRapids"}) {
+      if (core != nullptr && strcasecmp(core, avx512_core) == 0) return;
+    }
+    setenv("OPENBLAS_CORETYPE", "SkylakeX", /*overwrite=*/0);
+    gotoblas_dynamic_quit();
+    gotoblas_dynamic_init();
+  });
 }
 
 // Cores this process may run on (taskset, cpusets), which hardware_concurrency ignores.
@@ -75,9 +107,7 @@ const cpu_fast::Kernels& SelectKernels() {
   const std::string forced = force != nullptr ? force : "";
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512dq");
+  const bool avx512 = avx2 && CpuHasAvx512();
   if (forced == "generic") return cpu_fast::generic::kKernels;
   if (avx512 && forced != "avx2") return cpu_fast::avx512::kKernels;
   if (avx2) return cpu_fast::avx2::kKernels;
@@ -170,7 +200,7 @@ absl::StatusOr<std::unique_ptr<CpuFastForward>> CpuFastForward::Create(
   int threads = options.threads;
   if (threads == 0) threads = UsableCores();
   impl->pool = std::make_unique<ThreadPool>(threads);
-  UseSingleThreadedBlas();
+  ConfigureBlas();
 
   cpu_fast::ModelParams& p = impl->params;
   p.dim = d;
