@@ -200,7 +200,8 @@ def bench(threads, batches, l=186, c=64, budget_s=10.0):
     print(f"PyTorch {torch.__version__} lean fp32, {threads} threads, L={l} C={c} D=128 H=8 "
           f"F=512 N=12, {fl * 1e-9:.3f} GFLOP/sample; load average {load[0]:.2f} "
           f"{load[1]:.2f} {load[2]:.2f}")
-    print(f"{'batch':>6s} {'ms/batch':>10s} {'min ms':>10s} {'samples/s':>10s} {'GFLOP/s':>8s} {'runs':>5s}")
+    print(f"{'batch':>6s} {'ms/batch':>10s} {'min ms':>10s} {'samples/s':>10s} {'GFLOP/s':>8s} "
+          f"{'cpu ms':>9s} {'runs':>5s}")
     g = torch.Generator().manual_seed(2)
     with torch.inference_mode():
         for b in batches:
@@ -208,17 +209,19 @@ def bench(threads, batches, l=186, c=64, budget_s=10.0):
             y = torch.randn(b, 1, 128, generator=g)
             ctx = torch.randn(b, c, 128, generator=g)
             forward(w, x, y, ctx)  # warm-up
-            times = []
+            times, cpu = [], []
             start = time.perf_counter()
             while len(times) < 20:
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 forward(w, x, y, ctx)
                 times.append((time.perf_counter() - t0) * 1e3)
+                cpu.append((time.process_time() - c0) * 1e3)
                 if len(times) >= 3 and time.perf_counter() - start > budget_s:
                     break
             med = statistics.median(times)
             print(f"{b:6d} {med:10.2f} {min(times):10.2f} {b * 1e3 / med:10.1f} "
-                  f"{b * fl / (med * 1e6):8.1f} {len(times):5d}")
+                  f"{b * fl / (med * 1e6):8.1f} {statistics.median(cpu):9.1f} {len(times):5d}")
 
 
 def main():

@@ -386,9 +386,14 @@ absl::Status CpuFastForward::Impl::Run(ForwardBatch batch) {
       }
     }
   }
-  // Largest first, so the last tasks to be picked up are short.
-  std::stable_sort(row_tasks.begin(), row_tasks.end(),
-                   [](const RowTask& a, const RowTask& c) { return a.rows > c.rows; });
+  // Largest first, so the last tasks to be picked up are short (std::sort: stable_sort may
+  // allocate a buffer).
+  std::sort(row_tasks.begin(), row_tasks.end(), [](const RowTask& a, const RowTask& c) {
+    if (a.rows != c.rows) return a.rows > c.rows;
+    if (a.sample != c.sample) return a.sample < c.sample;
+    if (a.stream != c.stream) return a.stream < c.stream;
+    return a.row0 < c.row0;
+  });
 
   // Modulation of every layer and stream from silu(y): one GEMM per layer.
   for (int i = 0; i < b; ++i) kernels->silu_rows(batch[i].y, d, silu_y.data() + static_cast<size_t>(i) * d);
