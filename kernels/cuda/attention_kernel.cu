@@ -59,6 +59,7 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
   __shared__ __align__(16) T ks[kStageKeys * kKStride];
   __shared__ __align__(16) T vt[kHeadDim * kVStride];
 
+  LaunchDependents();
   const AttnTile tile = p.tiles[blockIdx.x];
   const SampleInfo si = p.samples[tile.sample];
   const int head = blockIdx.y;
@@ -73,6 +74,7 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
   const T* v = static_cast<const T*>(p.v) + base;
   const uint32_t* mask = si.mask_off >= 0 ? p.mask_bits + si.mask_off : nullptr;
 
+  WaitForPredecessor();
   uint32_t qa[4];
   uint32_t qhi[2][4], qlo[2][4];
   if constexpr (P == Precision::kBf16) {
@@ -245,6 +247,7 @@ constexpr int kAdaLnOutputs = 128;  // outputs (threads) per CTA
 // serial weight loads; this grid has 6x the CTAs and 8 loads in flight per thread.
 __global__ void __launch_bounds__(kAdaLnOutputs) AdaLnKernel(const AdaLnParams p) {
   extern __shared__ __align__(16) float silu_y[];  // [D][kAdaLnSamples]: 4 float4 per weight
+  LaunchDependents();
   const int ls = blockIdx.x;         // layer * 2 + stream
   const int j = blockIdx.y * kAdaLnOutputs + threadIdx.x;
   const int b0 = blockIdx.z * kAdaLnSamples;
@@ -304,9 +307,11 @@ absl::Status LaunchAttention(const AttentionParams& params, Precision precision,
   const dim3 grid(params.num_tiles, params.dim / kHeadDim);
   const int threads = 2 * tile_queries;  // a warp per 16 queries
   if (precision == Precision::kBf16) {
-    AttentionKernel<Precision::kBf16><<<grid, threads, 0, stream>>>(params);
+    CUDA_RETURN_IF_ERROR(
+        LaunchPdl(AttentionKernel<Precision::kBf16>, grid, dim3(threads), 0, stream, params));
   } else {
-    AttentionKernel<Precision::kFp32><<<grid, threads, 0, stream>>>(params);
+    CUDA_RETURN_IF_ERROR(
+        LaunchPdl(AttentionKernel<Precision::kFp32>, grid, dim3(threads), 0, stream, params));
   }
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();

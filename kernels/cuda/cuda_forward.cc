@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -79,6 +80,29 @@ std::vector<uint8_t> PackFragments(const std::vector<float>& w, int n, int k, Pr
   return out;
 }
 
+// W [n][k] as the shared-memory images of the wgmma row kernel: one 32 KB image per 128 x 128
+// block (n-blocks outer, k-blocks inner), each [warpgroup 2][k16 step 8][n8 group 8][k8 half 2]
+// [8 rows][8 values]: 8 x 16-byte core matrices, 128 bytes apart along K and 256 along N.
+std::vector<uint8_t> PackWgmmaImages(const std::vector<float>& w, int n, int k) {
+  std::vector<uint16_t> v(static_cast<size_t>(n) * k);
+  size_t o = 0;
+  for (int nc = 0; nc < n / 128; ++nc)
+    for (int kc = 0; kc < k / 128; ++kc)
+      for (int wg = 0; wg < 2; ++wg)
+        for (int ks = 0; ks < 8; ++ks)
+          for (int j = 0; j < 8; ++j)
+            for (int h = 0; h < 2; ++h)
+              for (int r = 0; r < 8; ++r)
+                for (int kk = 0; kk < 8; ++kk) {
+                  const int row = nc * 128 + 64 * wg + 8 * j + r;
+                  const int col = kc * 128 + 16 * ks + 8 * h + kk;
+                  v[o++] = FloatToBf16(w[static_cast<size_t>(row) * k + col]);
+                }
+  std::vector<uint8_t> out(v.size() * 2);
+  std::memcpy(out.data(), v.data(), out.size());
+  return out;
+}
+
 // A host image of a device allocation: chunks appended at aligned offsets.
 struct Blob {
   std::vector<uint8_t> bytes;
@@ -151,6 +175,7 @@ class CudaForwardImpl {
   // The staged batch.
   int batch = 0, num_tokens = 0, num_row_tiles = 0, num_attn_tiles = 0;
   int tile_rows = 64, tile_queries = 128;
+  bool use_wgmma = false;
 };
 
 absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
@@ -164,7 +189,16 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   Blob blob;
   struct Offsets {
     size_t qkv_w, out_w, up_w, down_w, qkv_b, rms_q, rms_k, out_b, out_rms, up_b, down_b;
+    size_t qkv_wg = 0, out_wg = 0, up_wg = 0, down_wg = 0;
   };
+  int cc_major = 0, cc_minor = 0;
+  CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, options.device));
+  CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, options.device));
+  // wgmma is in the sm_90a code only, which runs on compute capability 9.0 alone.
+  use_wgmma = options.use_wgmma && cc_major == 9 && cc_minor == 0 &&
+              precision == Precision::kBf16 && d == 128 && f % 128 == 0;
   std::vector<Offsets> offs(2 * n);
   std::vector<float> adaln_wt(static_cast<size_t>(2 * n) * d * 6 * d);
   std::vector<float> adaln_b(static_cast<size_t>(2 * n) * 6 * d);
@@ -181,6 +215,16 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
         o.up_w = blob.Add(v.data(), v.size());
         v = PackFragments(w.mlp_down_w, d, f, precision);
         o.down_w = blob.Add(v.data(), v.size());
+        if (use_wgmma) {
+          v = PackWgmmaImages(w.qkv_w, 3 * d, d);
+          o.qkv_wg = blob.Add(v.data(), v.size());
+          v = PackWgmmaImages(w.out_w, d, d);
+          o.out_wg = blob.Add(v.data(), v.size());
+          v = PackWgmmaImages(w.mlp_up_w, f, d);
+          o.up_wg = blob.Add(v.data(), v.size());
+          v = PackWgmmaImages(w.mlp_down_w, d, f);
+          o.down_wg = blob.Add(v.data(), v.size());
+        }
       }
       o.qkv_b = blob.AddFloats(w.qkv_b);
       o.rms_q = blob.AddFloats(w.rms_q);
@@ -211,7 +255,11 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
     streams[i] = StreamWeightsDev{base + o.qkv_w,  base + o.out_w,   base + o.up_w,
                                   base + o.down_w, fp(o.qkv_b),      fp(o.rms_q),
                                   fp(o.rms_k),     fp(o.out_b),      fp(o.out_rms),
-                                  fp(o.up_b),      fp(o.down_b)};
+                                  fp(o.up_b),      fp(o.down_b),
+                                  use_wgmma ? base + o.qkv_wg : nullptr,
+                                  use_wgmma ? base + o.out_wg : nullptr,
+                                  use_wgmma ? base + o.up_wg : nullptr,
+                                  use_wgmma ? base + o.down_wg : nullptr};
   }
   std::memcpy(blob.bytes.data() + off_streams, streams.data(),
               sizeof(StreamWeightsDev) * streams.size());
@@ -391,6 +439,12 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.num_layers = n;
   rp.dim_ff = config.dim_feedforward;
   std::copy(std::begin(inv_freq), std::end(inv_freq), rp.inv_freq);
+  rp.wgmma = use_wgmma ? 1 : 0;
+  rp.wgmma_lbo = 128;  // bytes between the two core matrices of a k16 step (along K)
+  rp.wgmma_sbo = 256;  // bytes between 8-row groups (along N)
+  if (const char* v = std::getenv("MMDIT_WGMMA_DESC_SWAP"); v != nullptr && v[0] == '1') {
+    std::swap(rp.wgmma_lbo, rp.wgmma_sbo);
+  }
 
   cuda::AttentionParams tp{};
   tp.tiles = reinterpret_cast<const AttnTile*>(dev_io + off_attn_tiles);

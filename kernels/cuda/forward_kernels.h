@@ -60,6 +60,12 @@ struct StreamWeightsDev {
   const float* out_rms;
   const float* up_b;
   const float* down_b;
+  // bf16, D = 128 only: the same matrices as 32 KB shared-memory images, one per 128 x 128 GEMM
+  // pass, in wgmma's no-swizzle K-major layout (cuda_forward.cc, PackWgmmaImages).
+  const void* qkv_wg;
+  const void* out_wg;
+  const void* up_wg;
+  const void* down_wg;
 };
 
 // mod[b][layer][stream][6][D] = adaLN(silu(y_b)).
@@ -94,6 +100,8 @@ struct RowParams {
   int post_layer;                   // -1: none
   int qkv_layer;                    // -1: none
   float inv_freq[kHeadDim / 2];     // RoPE
+  int wgmma;                        // bf16, D = 128, 64-row tiles: warpgroup MMA kernel
+  unsigned wgmma_lbo, wgmma_sbo;    // its descriptor strides (bytes)
 };
 
 // Joint attention of one head over a tile of queries of one sample against all its keys.
@@ -109,6 +117,25 @@ struct AttentionParams {
   int dim;        // D
   float scale_log2;  // Dh^-0.5 * log2(e)
 };
+
+// Launches `kernel` with programmatic stream serialization (see LaunchDependents in mma.cuh):
+// at small batches a forward is 26 short kernels, and this hides each one's launch and prologue
+// behind its predecessor.
+template <typename Params>
+cudaError_t LaunchPdl(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem,
+                      cudaStream_t stream, const Params& params) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, params);
+}
 
 absl::Status LaunchAdaLn(const AdaLnParams& params, cudaStream_t stream);
 absl::Status LaunchRow(const RowParams& params, Precision precision, int dim, int tile_rows,
