@@ -3,9 +3,11 @@
 // from the reference, so agreement also checks the reference.
 #include "kernels/cpu/fast_forward.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <random>
 #include <string>
 #include <utility>
@@ -15,6 +17,27 @@
 #include "kernels/cpu/reference_forward.h"
 #include "kernels/model_weights.h"
 #include "tests/test_util.h"
+
+// Counts every operator new in this binary, so a test can check that a forward allocates nothing.
+std::atomic<int64_t> g_allocations{0};
+
+void* operator new(std::size_t n) {
+  g_allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n) { return operator new(n); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  g_allocations.fetch_add(1, std::memory_order_relaxed);
+  return std::malloc(n == 0 ? 1 : n);
+}
+void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
 
 namespace mmdit {
 namespace {
@@ -233,6 +256,25 @@ TEST_P(CpuFastForwardTest, ReusedAcrossShapes) {
       EXPECT_LE(CompareWithReference(weights, *fast, lengths, mask, seed++), kFp32Tolerance);
     }
   }
+}
+
+// Workspace is sized at Create or grown by the first batch of a shape; a batch of a shape seen
+// before allocates nothing.
+TEST_P(CpuFastForwardTest, SeenShapeDoesNotAllocate) {
+  const MmditConfig config = Config(64, 4, 96, 2);
+  const ModelWeights weights = ModelWeights::Deterministic(config, 11);
+  auto fast = MakeFast(weights, 2, 3);
+  ASSERT_NE(fast, nullptr);
+  Batch batch = MakeBatch(config.dim, {{37, 5}, {3, 64}, {1, 1}}, MaskKind::kRandom, 12);
+  const int64_t first = g_allocations.load();
+  ASSERT_TRUE(fast->Run(batch.samples).ok());
+  EXPECT_GT(g_allocations.load(), first) << "the first masked batch grows the mask rows";
+  Batch same = MakeBatch(config.dim, {{37, 5}, {3, 64}, {1, 1}}, MaskKind::kRandom, 13);
+  const int64_t before = g_allocations.load();
+  const absl::Status st = fast->Run(same.samples);
+  const int64_t allocations = g_allocations.load() - before;
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_EQ(allocations, 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Kernels, CpuFastForwardTest, ::testing::Values("", "avx2", "generic"),
