@@ -15,18 +15,17 @@ class Clock {
  public:
   virtual ~Clock() = default;
   virtual absl::Time Now() const = 0;
-  // With `mu` held: returns once `cond` holds or Now() >= deadline, whichever comes first.
-  // Returns whether `cond` holds. `mu` is released while waiting, as in absl::Mutex::Await.
-  virtual bool AwaitWithDeadline(absl::Mutex* mu, const absl::Condition& cond,
-                                 absl::Time deadline) const = 0;
+  // With `mu` held: waits until `cv` is signalled or Now() >= deadline, releasing `mu` meanwhile.
+  // May return early (spurious wake-ups), so callers re-check what they wait for.
+  virtual void WaitWithDeadline(absl::CondVar* cv, absl::Mutex* mu,
+                                absl::Time deadline) const = 0;
 };
 
 class RealClock final : public Clock {
  public:
   absl::Time Now() const override { return absl::Now(); }
-  bool AwaitWithDeadline(absl::Mutex* mu, const absl::Condition& cond,
-                         absl::Time deadline) const override {
-    return mu->AwaitWithDeadline(cond, deadline);
+  void WaitWithDeadline(absl::CondVar* cv, absl::Mutex* mu, absl::Time deadline) const override {
+    cv->WaitWithDeadline(mu, deadline);
   }
   // The process-wide instance.
   static RealClock* Get() {
@@ -48,13 +47,8 @@ class FakeClock final : public Clock {
   void Advance(absl::Duration d) {
     now_nanos_.fetch_add(absl::ToInt64Nanoseconds(d), std::memory_order_acq_rel);
   }
-  bool AwaitWithDeadline(absl::Mutex* mu, const absl::Condition& cond,
-                         absl::Time deadline) const override {
-    while (!cond.Eval()) {
-      if (Now() >= deadline) return false;
-      mu->AwaitWithTimeout(cond, absl::Milliseconds(1));
-    }
-    return true;
+  void WaitWithDeadline(absl::CondVar* cv, absl::Mutex* mu, absl::Time deadline) const override {
+    if (Now() < deadline) cv->WaitWithTimeout(mu, absl::Milliseconds(1));
   }
 
  private:

@@ -109,7 +109,7 @@ class DynamicBatcher {
                                                      options_.max_batch_size, "]"));
     }
     const absl::Time now = clock_->Now();
-    absl::MutexLock lock(&mu_);
+    absl::ReleasableMutexLock lock(&mu_);
     if (stopping_) {
       return absl::UnavailableError(
           absl::StrCat(options_.name, ": the server is shutting down; retry on another replica"));
@@ -119,27 +119,33 @@ class DynamicBatcher {
                                                  options_.max_queue_size,
                                                  " requests waiting); retry later"));
     }
-    const uint64_t task_id = next_id_++;
-    queue_.push_back(Entry{task_id, now, std::move(*task)});
-    queued_samples_ += size;
-    ++generation_;
-    if (id != nullptr) *id = task_id;
+    {
+      const uint64_t task_id = next_id_++;
+      queue_.push_back(Entry{task_id, now, std::move(*task)});
+      queued_samples_ += size;
+      if (id != nullptr) *id = task_id;
+    }
+    lock.Release();
+    cv_.SignalAll();
     return absl::OkStatus();
   }
 
   // Takes a task that is still queued back out (a cancelled call): the caller owns it again and
   // neither callback will see it. Null when the task already left the queue.
   std::unique_ptr<TaskType> Remove(uint64_t id) {
-    absl::MutexLock lock(&mu_);
-    for (auto it = queue_.begin(); it != queue_.end(); ++it) {
-      if (it->id != id) continue;
-      std::unique_ptr<TaskType> task = std::move(it->task);
-      queued_samples_ -= task->size();
-      queue_.erase(it);
-      ++generation_;
-      return task;
+    std::unique_ptr<TaskType> task;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+        if (it->id != id) continue;
+        task = std::move(it->task);
+        queued_samples_ -= task->size();
+        queue_.erase(it);
+        break;
+      }
     }
-    return nullptr;
+    if (task != nullptr) cv_.SignalAll();
+    return task;
   }
 
   // Stops taking tasks; what is queued is still batched (without waiting for the queue delay)
@@ -148,8 +154,8 @@ class DynamicBatcher {
     {
       absl::MutexLock lock(&mu_);
       stopping_ = true;
-      ++generation_;
     }
+    cv_.SignalAll();
     std::vector<std::thread> threads;
     {
       absl::MutexLock lock(&join_mu_);
@@ -183,15 +189,6 @@ class DynamicBatcher {
         target_samples_(options.preferred_batch_size > 0 ? options.preferred_batch_size
                                                          : options.max_batch_size) {}
 
-  struct ChangedArg {
-    const DynamicBatcher* self;
-    uint64_t seen;
-  };
-  // Evaluated by absl::Mutex with mu_ held.
-  static bool Changed(ChangedArg* arg) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    return arg->self->generation_ != arg->seen;
-  }
-
   void BatchThreadLoop() {
     while (true) {
       Batch batch;
@@ -208,7 +205,6 @@ class DynamicBatcher {
               queued_samples_ -= it->task->size();
               expired.push_back(std::move(it->task));
               it = queue_.erase(it);
-              ++generation_;
             } else {
               earliest_deadline = std::min(earliest_deadline, deadline);
               ++it;
@@ -220,8 +216,7 @@ class DynamicBatcher {
               exit = true;
               break;
             }
-            ChangedArg arg{this, generation_};
-            mu_.Await(absl::Condition(&Changed, &arg));
+            cv_.Wait(&mu_);
             continue;
           }
           const absl::Time ready_at =
@@ -230,11 +225,11 @@ class DynamicBatcher {
             TakeBatchLocked(&batch);
             break;
           }
-          ChangedArg arg{this, generation_};
-          clock_->AwaitWithDeadline(&mu_, absl::Condition(&Changed, &arg),
-                                    std::min(ready_at, earliest_deadline));
+          clock_->WaitWithDeadline(&cv_, &mu_, std::min(ready_at, earliest_deadline));
         }
       }
+      // Another batch thread may find the rest of the queue ready now.
+      if (!batch.empty() || !expired.empty()) cv_.SignalAll();
       for (std::unique_ptr<TaskType>& task : expired) {
         reject_(std::move(task),
                 absl::DeadlineExceededError(absl::StrCat(
@@ -255,7 +250,6 @@ class DynamicBatcher {
       queue_.pop_front();
     }
     queued_samples_ -= samples;
-    ++generation_;
   }
 
   const Options options_;
@@ -265,11 +259,11 @@ class DynamicBatcher {
   const int target_samples_;
 
   mutable absl::Mutex mu_;
+  // Signalled (outside mu_) on every change a waiting batch thread must look at.
+  absl::CondVar cv_;
   std::deque<Entry> queue_ ABSL_GUARDED_BY(mu_);
   int64_t queued_samples_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
-  // Bumped on every change a waiting batch thread must look at.
-  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
 
   absl::Mutex join_mu_;

@@ -238,6 +238,7 @@ grpc::Status InferenceService::ModelStreamInfer(
   // answer, so that a client that stops reading stalls only its own call, never a worker.
   struct Shared {
     absl::Mutex mu;
+    absl::CondVar cv;  // signalled (outside mu) when an answer is ready or reading ended
     std::deque<inference::ModelStreamInferResponse> ready ABSL_GUARDED_BY(mu);
     int outstanding ABSL_GUARDED_BY(mu) = 0;
     bool reading_done ABSL_GUARDED_BY(mu) = false;
@@ -284,9 +285,12 @@ grpc::Status InferenceService::ModelStreamInfer(
                 out.mutable_infer_response()->set_model_name(model->name());
               }
               model->RecordRequest(s, absl::Now() - start, timing);
-              absl::MutexLock lock(&shared->mu);
-              shared->ready.push_back(std::move(out));
-              --shared->outstanding;
+              {
+                absl::MutexLock lock(&shared->mu);
+                shared->ready.push_back(std::move(out));
+                --shared->outstanding;
+              }
+              shared->cv.Signal();
             });
         if (id.ok()) {
           absl::MutexLock lock(&shared->mu);
@@ -299,11 +303,17 @@ grpc::Status InferenceService::ModelStreamInfer(
       }
       RecordEarlyFailure(model, request->model_name(), status, start);
       inference::ModelStreamInferResponse out = error_response(status, *request);
-      absl::MutexLock lock(&shared->mu);
-      shared->ready.push_back(std::move(out));
+      {
+        absl::MutexLock lock(&shared->mu);
+        shared->ready.push_back(std::move(out));
+      }
+      shared->cv.Signal();
     }
-    absl::MutexLock lock(&shared->mu);
-    shared->reading_done = true;
+    {
+      absl::MutexLock lock(&shared->mu);
+      shared->reading_done = true;
+    }
+    shared->cv.Signal();
   });
 
   bool write_failed = false;
@@ -312,10 +322,10 @@ grpc::Status InferenceService::ModelStreamInfer(
     bool finished = false;
     {
       absl::MutexLock lock(&shared->mu);
-      auto has_work = [&shared]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(shared->mu) {
-        return !shared->ready.empty() || (shared->reading_done && shared->outstanding == 0);
-      };
-      shared->mu.AwaitWithTimeout(absl::Condition(&has_work), kPollInterval);
+      if (shared->ready.empty() && !(shared->reading_done && shared->outstanding == 0)) {
+        // Bounded, so that a cancelled call is noticed while nothing arrives.
+        shared->cv.WaitWithTimeout(&shared->mu, kPollInterval);
+      }
       batch.swap(shared->ready);
       finished = shared->reading_done && shared->outstanding == 0 && batch.empty();
     }
@@ -337,6 +347,7 @@ grpc::Status InferenceService::ModelStreamInfer(
           absl::MutexLock lock(&shared->mu);
           --shared->outstanding;
         }
+        // Answers of requests already in a batch still arrive and are dropped above.
       }
     }
   }

@@ -361,15 +361,16 @@ ServedModel::WorkerSlot* ServedModel::IdleWorkerLocked() {
 
 ServedModel::WorkerSlot* ServedModel::AcquireWorker() {
   absl::MutexLock lock(&workers_mu_);
-  auto available = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(workers_mu_) {
+  while (true) {
     bool any_in_service = false;
     for (const WorkerSlot& slot : workers_) any_in_service |= slot.in_service;
-    return !any_in_service || IdleWorkerLocked() != nullptr;
-  };
-  workers_mu_.Await(absl::Condition(&available));
-  WorkerSlot* slot = IdleWorkerLocked();
-  if (slot != nullptr) slot->busy = true;
-  return slot;
+    if (!any_in_service) return nullptr;
+    if (WorkerSlot* slot = IdleWorkerLocked(); slot != nullptr) {
+      slot->busy = true;
+      return slot;
+    }
+    workers_cv_.Wait(&workers_mu_);
+  }
 }
 
 void ServedModel::ReleaseWorker(WorkerSlot* slot, bool in_service) {
@@ -384,6 +385,7 @@ void ServedModel::ReleaseWorker(WorkerSlot* slot, bool in_service) {
       if (none_left) ready_ = false;
     }
   }
+  workers_cv_.SignalAll();
   if (!in_service && options_.metrics != nullptr) {
     options_.metrics->SetWorkerInService(name(), slot->worker->name(), false);
     if (none_left) options_.metrics->SetModelState(name(), ModelLoadState::kFailed);

@@ -127,6 +127,8 @@ class ServedModel {
   std::unique_ptr<Batcher> batcher_;
 
   mutable absl::Mutex workers_mu_;
+  // Signalled (outside workers_mu_) when a worker becomes idle or leaves service.
+  absl::CondVar workers_cv_;
   std::vector<WorkerSlot> workers_ ABSL_GUARDED_BY(workers_mu_);
   bool ready_ ABSL_GUARDED_BY(workers_mu_) = false;
   int64_t reruns_ ABSL_GUARDED_BY(workers_mu_) = 0;

@@ -29,33 +29,38 @@ class Recorder {
  public:
   Batcher::ProcessBatchFn Process() {
     return [this](Batcher::Batch batch) {
-      absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(&open_));
-      std::vector<int> ids;
-      for (auto& t : batch) ids.push_back(t->id);
-      batches_.push_back(ids);
+      {
+        absl::MutexLock lock(&mu_);
+        while (!open_) cv_.Wait(&mu_);
+        std::vector<int> ids;
+        for (auto& t : batch) ids.push_back(t->id);
+        batches_.push_back(ids);
+      }
+      cv_.SignalAll();
     };
   }
   Batcher::RejectFn Reject() {
     return [this](std::unique_ptr<FakeTask> task, absl::Status status) {
-      absl::MutexLock lock(&mu_);
-      rejected_.push_back({task->id, status.code()});
+      {
+        absl::MutexLock lock(&mu_);
+        rejected_.push_back({task->id, status.code()});
+      }
+      cv_.SignalAll();
     };
   }
   void SetOpen(bool open) {
-    absl::MutexLock lock(&mu_);
-    open_ = open;
+    {
+      absl::MutexLock lock(&mu_);
+      open_ = open;
+    }
+    cv_.SignalAll();
   }
   // Waits (bounded, real time) until `n` batches were processed.
   bool WaitForBatches(size_t n) {
-    absl::MutexLock lock(&mu_);
-    auto enough = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return batches_.size() >= n; };
-    return mu_.AwaitWithTimeout(absl::Condition(&enough), absl::Seconds(10));
+    return WaitFor([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return batches_.size() >= n; });
   }
   bool WaitForRejected(size_t n) {
-    absl::MutexLock lock(&mu_);
-    auto enough = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return rejected_.size() >= n; };
-    return mu_.AwaitWithTimeout(absl::Condition(&enough), absl::Seconds(10));
+    return WaitFor([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return rejected_.size() >= n; });
   }
   std::vector<std::vector<int>> batches() {
     absl::MutexLock lock(&mu_);
@@ -67,7 +72,19 @@ class Recorder {
   }
 
  private:
+  template <typename Pred>
+  bool WaitFor(Pred done) {
+    const absl::Time give_up = absl::Now() + absl::Seconds(10);
+    absl::MutexLock lock(&mu_);
+    while (!done()) {
+      if (absl::Now() >= give_up) return false;
+      cv_.WaitWithDeadline(&mu_, give_up);
+    }
+    return true;
+  }
+
   absl::Mutex mu_;
+  absl::CondVar cv_;
   bool open_ ABSL_GUARDED_BY(mu_) = true;
   std::vector<std::vector<int>> batches_ ABSL_GUARDED_BY(mu_);
   std::vector<std::pair<int, absl::StatusCode>> rejected_ ABSL_GUARDED_BY(mu_);

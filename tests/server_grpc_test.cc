@@ -216,16 +216,24 @@ class GatedWorker final : public Worker {
  public:
   struct Gate {
     absl::Mutex mu;
+    absl::CondVar cv;
     bool open ABSL_GUARDED_BY(mu) = true;
     int running ABSL_GUARDED_BY(mu) = 0;
     void Set(bool o) {
-      absl::MutexLock lock(&mu);
-      open = o;
+      {
+        absl::MutexLock lock(&mu);
+        open = o;
+      }
+      cv.SignalAll();
     }
     bool WaitRunning(int n) {
+      const absl::Time give_up = absl::Now() + absl::Seconds(20);
       absl::MutexLock lock(&mu);
-      auto done = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return running >= n; };
-      return mu.AwaitWithTimeout(absl::Condition(&done), absl::Seconds(20));
+      while (running < n) {
+        if (absl::Now() >= give_up) return false;
+        cv.WaitWithDeadline(&mu, give_up);
+      }
+      return true;
     }
   };
   GatedWorker(const ModelWeights* w, Gate* gate, int index, int fail_after = -1,
@@ -246,7 +254,8 @@ class GatedWorker final : public Worker {
     {
       absl::MutexLock lock(&gate_->mu);
       ++gate_->running;
-      gate_->mu.Await(absl::Condition(&gate_->open));
+      gate_->cv.SignalAll();
+      while (!gate_->open) gate_->cv.Wait(&gate_->mu);
       --gate_->running;
     }
     return ReferenceForward(*weights_, batch);

@@ -11,7 +11,7 @@ mmdit_add_test(server_grpc_test
   LABELS server tsan)
 mmdit_add_test(server_binary_test
   SOURCES server_binary_test.cc
-  LIBS mmdit_proto mmdit_test_util absl::strings absl::time
+  LIBS mmdit_proto mmdit_test_util mmdit_absl_tsan absl::strings absl::time
   LABELS server tsan)
 # The binary test runs the real server.
 add_dependencies(server_binary_test mmdit-server)
