@@ -54,7 +54,8 @@ absl::StatusOr<std::vector<std::unique_ptr<Worker>>> BuildWorkers(const LoadedMo
       options.threads = cpu_threads;
       options.max_batch_size = max_batch_size;
       options.fallback_only = fallback_only;
-      absl::StatusOr<std::unique_ptr<CpuWorker>> worker = CpuWorker::Create(&model.weights, options);
+      absl::StatusOr<std::unique_ptr<CpuWorker>> worker =
+          CpuWorker::Create(&model.weights, options);
       if (!worker.ok()) return worker.status();
       std::cerr << "mmdit-server: model '" << config.name() << "' worker " << (*worker)->name()
                 << " (CPU forward, " << (*worker)->path() << " path, "

@@ -507,9 +507,11 @@ TEST_F(ServerTest, EveryBadInputIsAnsweredPreciselyAndTheServerKeepsServing) {
       {"datatype mix", [](auto& r) { r.mutable_inputs(1)->set_datatype("FP16"); },
        grpc::INVALID_ARGUMENT, "input 'y': datatype 'FP16' does not match x's FP32"},
       {"datatype mask", [](auto& r) { r.mutable_inputs(3)->set_datatype("FP32"); },
-       grpc::INVALID_ARGUMENT, "input 'attn_mask': datatype 'FP32' is not supported; expected BOOL"},
+       grpc::INVALID_ARGUMENT,
+       "input 'attn_mask': datatype 'FP32' is not supported; expected BOOL"},
       {"datatype start_pos", [](auto& r) { r.mutable_inputs(4)->set_datatype("INT32"); },
-       grpc::INVALID_ARGUMENT, "input 'start_pos': datatype 'INT32' is not supported; expected INT64"},
+       grpc::INVALID_ARGUMENT,
+       "input 'start_pos': datatype 'INT32' is not supported; expected INT64"},
       {"rank x", [&](auto& r) { set_shape(r, 0, {10, kDim}); },
        grpc::INVALID_ARGUMENT, "input 'x': expected shape [B, L, D] with D = 64, got [10, 64]"},
       {"dim x", [&](auto& r) { set_shape(r, 0, {2, 10, 32}); },
@@ -517,21 +519,27 @@ TEST_F(ServerTest, EveryBadInputIsAnsweredPreciselyAndTheServerKeepsServing) {
       {"negative dim", [&](auto& r) { set_shape(r, 2, {2, -3, kDim}); },
        grpc::INVALID_ARGUMENT, "input 'context': shape [2, -3, 64] has a negative dimension"},
       {"batch mismatch", [&](auto& r) { set_shape(r, 2, {1, 6, kDim}); },
-       grpc::INVALID_ARGUMENT, "input 'context': batch size 1 (dim 0) does not match x's batch size 2"},
+       grpc::INVALID_ARGUMENT,
+       "input 'context': batch size 1 (dim 0) does not match x's batch size 2"},
       {"dim context", [&](auto& r) { set_shape(r, 2, {2, 6, 32}); },
        grpc::INVALID_ARGUMENT, "input 'context': D (dim 2) must be 64, got 32"},
       {"shape y", [&](auto& r) { set_shape(r, 1, {2, 2, kDim}); },
        grpc::INVALID_ARGUMENT, "input 'y': expected shape [B, 1, D] = [2, 1, 64] or [B, D]"},
       {"shape mask", [&](auto& r) { set_shape(r, 3, {2, 5, 4}); },
-       grpc::INVALID_ARGUMENT, "input 'attn_mask': expected shape [B, L, L] = [2, 5, 5], got [2, 5, 4]"},
+       grpc::INVALID_ARGUMENT,
+       "input 'attn_mask': expected shape [B, L, L] = [2, 5, 5], got [2, 5, 4]"},
       {"shape start_pos", [&](auto& r) { set_shape(r, 4, {2, 1}); },
        grpc::INVALID_ARGUMENT, "input 'start_pos': expected shape [B] = [2], got [2, 1]"},
       {"raw size", [](auto& r) { r.mutable_raw_input_contents(0)->resize(100); },
-       grpc::INVALID_ARGUMENT, "input 'x': raw_input_contents[0] holds 100 bytes, but shape [2, 5, 64] of FP32 needs 2560"},
+       grpc::INVALID_ARGUMENT,
+       "input 'x': raw_input_contents[0] holds 100 bytes, but shape [2, 5, 64] of FP32 needs"
+       " 2560"},
       {"raw count", [](auto& r) { r.mutable_raw_input_contents()->RemoveLast(); },
        grpc::INVALID_ARGUMENT, "raw_input_contents has 4 entries for 5 inputs"},
-      {"typed and raw", [](auto& r) { r.mutable_inputs(1)->mutable_contents()->add_fp32_contents(1); },
-       grpc::INVALID_ARGUMENT, "input 'y' carries typed contents and the request also carries raw_input_contents"},
+      {"typed and raw",
+       [](auto& r) { r.mutable_inputs(1)->mutable_contents()->add_fp32_contents(1); },
+       grpc::INVALID_ARGUMENT,
+       "input 'y' carries typed contents and the request also carries raw_input_contents"},
       {"batch too large", [&](auto& r) { r = MakeRequest(RandomInputs(5, 2, 1, 3), "m"); },
        grpc::INVALID_ARGUMENT, "input 'x': batch size B = 5 exceeds the model's max_batch_size 4"},
       {"L zero", [&](auto& r) { set_shape(r, 0, {2, 0, kDim}); },
@@ -543,21 +551,33 @@ TEST_F(ServerTest, EveryBadInputIsAnsweredPreciselyAndTheServerKeepsServing) {
        grpc::INVALID_ARGUMENT, "input 'attn_mask': row 2 of sample 1 has no visible key"},
       {"start_pos + L", [](auto& r) { int64_t p = kMaxSeqLen - 4;
                                       std::memcpy(&(*r.mutable_raw_input_contents(4))[8], &p, 8); },
-       grpc::INVALID_ARGUMENT, "input 'start_pos': start_pos[1] + L = 60 + 5 = 65 exceeds the model's max_seq_len 64"},
-      {"start_pos negative", [](auto& r) { int64_t p = -1;
-                                           std::memcpy(&(*r.mutable_raw_input_contents(4))[0], &p, 8); },
+       grpc::INVALID_ARGUMENT,
+       "input 'start_pos': start_pos[1] + L = 60 + 5 = 65 exceeds the model's max_seq_len 64"},
+      {"start_pos negative",
+       [](auto& r) {
+         int64_t p = -1;
+         std::memcpy(&(*r.mutable_raw_input_contents(4))[0], &p, 8);
+       },
        grpc::INVALID_ARGUMENT, "input 'start_pos': start_pos[0] = -1 must be >= 0"},
       {"unknown output", [](auto& r) { r.add_outputs()->set_name("foo"); },
        grpc::INVALID_ARGUMENT, "unknown requested output 'foo'"},
       {"duplicate output", [](auto& r) { r.add_outputs()->set_name("x_out");
                                          r.add_outputs()->set_name("x_out"); },
        grpc::INVALID_ARGUMENT, "requested output 'x_out' appears twice"},
-      {"typed fp16", [&](auto& r) { r = MakeRequest(in, "m", /*raw=*/false);
-                                    for (int i = 0; i < 3; ++i) r.mutable_inputs(i)->set_datatype("FP16"); },
-       grpc::INVALID_ARGUMENT, "input 'x': FP16 data has no typed contents field; send it in raw_input_contents"},
-      {"typed count", [&](auto& r) { r = MakeRequest(in, "m", /*raw=*/false);
-                                     r.mutable_inputs(2)->mutable_contents()->mutable_fp32_contents()->RemoveLast(); },
-       grpc::INVALID_ARGUMENT, "input 'context': contents.fp32_contents holds 383 values, but shape [2, 3, 64] needs 384"},
+      {"typed fp16",
+       [&](auto& r) {
+         r = MakeRequest(in, "m", /*raw=*/false);
+         for (int i = 0; i < 3; ++i) r.mutable_inputs(i)->set_datatype("FP16");
+       },
+       grpc::INVALID_ARGUMENT,
+       "input 'x': FP16 data has no typed contents field; send it in raw_input_contents"},
+      {"typed count",
+       [&](auto& r) {
+         r = MakeRequest(in, "m", /*raw=*/false);
+         r.mutable_inputs(2)->mutable_contents()->mutable_fp32_contents()->RemoveLast();
+       },
+       grpc::INVALID_ARGUMENT,
+       "input 'context': contents.fp32_contents holds 383 values, but shape [2, 3, 64] needs 384"},
       {"timeout type", [](auto& r) { (*r.mutable_parameters())["timeout"].set_string_param("1s"); },
        grpc::INVALID_ARGUMENT, "parameter 'timeout' must be an int64 number of microseconds"},
       {"unknown model", [](auto& r) { r.set_model_name("nope"); },
@@ -887,7 +907,9 @@ std::string ReflectionCall(grpc::Channel* channel, const std::string& request_by
   if (rw->Read(&response)) {
     std::vector<grpc::Slice> slices;
     EXPECT_TRUE(response.Dump(&slices).ok());
-    for (const grpc::Slice& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    for (const grpc::Slice& s : slices) {
+      out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    }
   }
   EXPECT_TRUE(rw->Finish().ok());
   return out;
