@@ -244,7 +244,7 @@ constexpr int kAdaLnOutputs = 128;  // outputs (threads) per CTA
 
 // One thread per output j of one (layer, stream) for up to 16 samples. The first version looped
 // a 256-thread CTA over all 6D outputs: 24 CTAs at B = 1, 67 us, bound by the latency of its
-// serial weight loads; this grid has 6x the CTAs and 8 loads in flight per thread.
+// serial weight loads; this grid has 6x the CTAs and 8 to 32 loads in flight per thread.
 __global__ void __launch_bounds__(kAdaLnOutputs) AdaLnKernel(const AdaLnParams p) {
   extern __shared__ __align__(16) float silu_y[];  // [D][kAdaLnSamples]: 4 float4 per weight
   LaunchDependents();
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kAdaLnOutputs) AdaLnKernel(const AdaLnParams p
   const size_t out_stride = (size_t)p.num_layers * 2 * n6;
   if (ns == 1) {
     float acc = 0.0f;
-#pragma unroll 8
+#pragma unroll 32
     for (int kk = 0; kk < d; ++kk) {
       acc = fmaf(__ldg(w + (size_t)kk * n6), silu_y[kk * kAdaLnSamples], acc);
     }
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kAdaLnOutputs) AdaLnKernel(const AdaLnParams p
   float acc[kAdaLnSamples];
 #pragma unroll
   for (int s = 0; s < kAdaLnSamples; ++s) acc[s] = 0.0f;
-#pragma unroll 4
+#pragma unroll 8
   for (int kk = 0; kk < d; ++kk) {
     const float wv = __ldg(w + (size_t)kk * n6);
     const float4* sy = reinterpret_cast<const float4*>(silu_y + kk * kAdaLnSamples);

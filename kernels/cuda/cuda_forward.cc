@@ -154,7 +154,7 @@ class CudaForwardImpl {
   const StreamWeightsDev* d_stream_weights = nullptr;
   const float* d_adaln_wt = nullptr;
   const float* d_adaln_b = nullptr;
-  float inv_freq[cuda::kHeadDim / 2] = {};
+  const float2* d_rope = nullptr;
 
   // Capacity.
   int max_tokens = 0, max_row_tiles = 0, max_attn_tiles = 0;
@@ -268,10 +268,25 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   d_stream_weights = reinterpret_cast<const StreamWeightsDev*>(base + off_streams);
   d_adaln_wt = reinterpret_cast<const float*>(base + off_adaln_wt);
   d_adaln_b = reinterpret_cast<const float*>(base + off_adaln_b);
-  for (int i = 0; i < cuda::kHeadDim / 2; ++i) {
-    // As the reference computes it (float32 pow), so positions rotate by the same angles.
-    inv_freq[i] = 1.0f / std::pow(10000.0f, static_cast<float>(2 * i) /
-                                                static_cast<float>(cuda::kHeadDim));
+  {
+    // RoPE (cos, sin) for every position the config allows: the angle in float32 as the
+    // reference computes it (float32 pow and product), its cosine and sine in double.
+    std::vector<float2> rope(static_cast<size_t>(config.max_seq_len) * (cuda::kHeadDim / 2));
+    for (int pos = 0; pos < config.max_seq_len; ++pos) {
+      for (int i = 0; i < cuda::kHeadDim / 2; ++i) {
+        const float inv_freq = 1.0f / std::pow(10000.0f, static_cast<float>(2 * i) /
+                                                             static_cast<float>(cuda::kHeadDim));
+        const float angle = static_cast<float>(pos) * inv_freq;
+        rope[static_cast<size_t>(pos) * (cuda::kHeadDim / 2) + i] =
+            make_float2(static_cast<float>(std::cos(static_cast<double>(angle))),
+                        static_cast<float>(std::sin(static_cast<double>(angle))));
+      }
+    }
+    void* p = nullptr;
+    if (absl::Status s = Alloc(&p, rope.size() * sizeof(float2)); !s.ok()) return s;
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpy(p, rope.data(), rope.size() * sizeof(float2), cudaMemcpyHostToDevice));
+    d_rope = static_cast<const float2*>(p);
   }
 
   // Scratch for max_batch_size x the longest shapes, allocated once.
@@ -438,7 +453,7 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.num_tiles = num_row_tiles;
   rp.num_layers = n;
   rp.dim_ff = config.dim_feedforward;
-  std::copy(std::begin(inv_freq), std::end(inv_freq), rp.inv_freq);
+  rp.rope = d_rope;
   rp.wgmma = use_wgmma ? 1 : 0;
   rp.wgmma_lbo = 128;  // bytes between the two core matrices of a k16 step (along K)
   rp.wgmma_sbo = 256;  // bytes between 8-row groups (along N)

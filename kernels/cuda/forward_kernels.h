@@ -99,7 +99,7 @@ struct RowParams {
   int dim_ff;                       // F (a multiple of D)
   int post_layer;                   // -1: none
   int qkv_layer;                    // -1: none
-  float inv_freq[kHeadDim / 2];     // RoPE
+  const float2* rope;               // [max_seq_len][kHeadDim / 2] (cos, sin) of pos * inv_freq
   int wgmma;                        // bf16, D = 128, 64-row tiles: warpgroup MMA kernel
   unsigned wgmma_lbo, wgmma_sbo;    // its descriptor strides (bytes)
 };

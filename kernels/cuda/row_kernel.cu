@@ -44,7 +44,7 @@ __device__ __forceinline__ float WarpSum(float v) {
 template <Precision P>
 __device__ __forceinline__ float Silu(float v) {
   if constexpr (P == Precision::kBf16) {
-    return v / (1.0f + __expf(-v));
+    return __fdividef(v, 1.0f + __expf(-v));
   } else {
     return v / (1.0f + expf(-v));
   }
@@ -167,10 +167,35 @@ __device__ __forceinline__ void StoreAcc(float* ss, const float (&acc)[kMT][kNT]
   }
 }
 
-// One row, kCols columns per lane from col0: out = LN(x) * (1 + scale) + shift.
+// kCols consecutive floats from src into registers (one 16- or 8-byte load).
+template <int kCols>
+__device__ __forceinline__ void LoadCols(float (&dst)[kCols], const float* src) {
+  if constexpr (kCols == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(src);
+    dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+  } else {
+    static_assert(kCols == 2, "kCols is 2 or 4");
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    dst[0] = v.x, dst[1] = v.y;
+  }
+}
+
+// The per-column vectors of a row pass, loaded once per pass rather than once per row: the
+// first version re-read them from global memory for every row, and the row passes, not the
+// GEMMs, dominated the instruction count (about 50 k of 60 k warp instructions per CTA).
+template <int kCols>
+__device__ __forceinline__ void LoadScale(float (&dst)[kCols], const float* src) {
+  LoadCols<kCols>(dst, src);
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) dst[j] += 1.0f;
+}
+
+// One row, kCols columns per lane from col0: out = LN(x) * scale1 + shift (scale1 = 1 + scale).
 template <int kCols, typename T>
-__device__ __forceinline__ void LayerNormModulateRow(const float (&x)[kCols], const float* scale,
-                                                     const float* shift, int col0, T* out) {
+__device__ __forceinline__ void LayerNormModulateRow(const float (&x)[kCols],
+                                                     const float (&scale1)[kCols],
+                                                     const float (&shift)[kCols], int col0,
+                                                     T* out) {
   constexpr float kInvD = 1.0f / (kCols * 32);
   float s = 0.0f;
 #pragma unroll
@@ -182,21 +207,40 @@ __device__ __forceinline__ void LayerNormModulateRow(const float (&x)[kCols], co
   const float rstd = rsqrtf(WarpSum(s2) * kInvD + kLayerNormEps);
 #pragma unroll
   for (int j = 0; j < kCols; j += 2) {
-    const int c = col0 + j;
-    Store2(out + c, (x[j] - mean) * rstd * (1.0f + scale[c]) + shift[c],
-           (x[j + 1] - mean) * rstd * (1.0f + scale[c + 1]) + shift[c + 1]);
+    Store2(out + col0 + j, (x[j] - mean) * rstd * scale1[j] + shift[j],
+           (x[j + 1] - mean) * rstd * scale1[j + 1] + shift[j + 1]);
   }
 }
 
 template <int kCols>
-__device__ __forceinline__ void RmsNormRow(float (&v)[kCols], const float* w, int col0) {
+__device__ __forceinline__ void RmsNormRow(float (&v)[kCols], const float (&w)[kCols]) {
   constexpr float kInvD = 1.0f / (kCols * 32);
   float s = 0.0f;
 #pragma unroll
   for (int j = 0; j < kCols; ++j) s += v[j] * v[j];
   const float r = rsqrtf(WarpSum(s) * kInvD + kRmsNormEps);
 #pragma unroll
-  for (int j = 0; j < kCols; ++j) v[j] = v[j] * r * __ldg(w + col0 + j);
+  for (int j = 0; j < kCols; ++j) v[j] = v[j] * r * w[j];
+}
+
+// RoPE from the host-made table of (cos, sin) per position and pair; pairs (2i, 2i + 1).
+template <int kCols>
+__device__ __forceinline__ void RopeRow(float (&v)[kCols], const float2* rope, int pos,
+                                        int col0) {
+#pragma unroll
+  for (int j = 0; j < kCols; j += 2) {
+    const int pair = ((col0 + j) % kHeadDim) / 2;
+    const float2 cs = __ldg(rope + pos * (kHeadDim / 2) + pair);
+    const float a = v[j], b = v[j + 1];
+    v[j] = a * cs.x - b * cs.y;
+    v[j + 1] = a * cs.y + b * cs.x;
+  }
+}
+
+template <typename T, int kCols>
+__device__ __forceinline__ void StoreRow(T* out, const float (&v)[kCols]) {
+#pragma unroll
+  for (int j = 0; j < kCols; j += 2) Store2(out + j, v[j], v[j + 1]);
 }
 
 template <Precision P, int kD, int kMT>
@@ -275,18 +319,22 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1) RowKe
     StoreAcc<kMT, kNT, kXs>(ss, acc, w.out_b, warp);
     __syncthreads();
     // RMSNorm of the projection, gated residual, modulated LayerNorm for the MLP.
+    float rms_w[kCols], gate[kCols], scale1[kCols], shift[kCols];
+    LoadCols<kCols>(rms_w, w.out_rms + col0);
+    LoadCols<kCols>(gate, mod + 2 * kD + col0);
+    LoadScale<kCols>(scale1, mod + 3 * kD + col0);
+    LoadCols<kCols>(shift, mod + 4 * kD + col0);
     for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
       const int r = warp * S::kRowsPerWarp + rr;
       float v[kCols], x[kCols];
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) v[j] = ss[r * kXs + col0 + j];
-      RmsNormRow<kCols>(v, w.out_rms, col0);
+      LoadCols<kCols>(v, ss + r * kXs + col0);
+      RmsNormRow<kCols>(v, rms_w);
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
-        x[j] = xs[r * kXs + col0 + j] + v[j] * mod[2 * kD + col0 + j];
+        x[j] = xs[r * kXs + col0 + j] + v[j] * gate[j];
         xs[r * kXs + col0 + j] = x[j];
       }
-      LayerNormModulateRow<kCols>(x, mod + 3 * kD, mod + 4 * kD, col0, as + r * kAs);
+      LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
     }
     __syncthreads();
     float acc2[kMT][kNT][4];
@@ -342,12 +390,16 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1) RowKe
     const StreamWeightsDev& w = p.weights[p.qkv_layer * 2 + tile.stream];
     const float* mod =
         p.mod + ((size_t)(tile.sample * p.num_layers + p.qkv_layer) * 2 + tile.stream) * 6 * kD;
-    for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-      const int r = warp * S::kRowsPerWarp + rr;
-      float x[kCols];
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) x[j] = xs[r * kXs + col0 + j];
-      LayerNormModulateRow<kCols>(x, mod, mod + kD, col0, as + r * kAs);
+    {
+      float scale1[kCols], shift[kCols];
+      LoadScale<kCols>(scale1, mod + col0);
+      LoadCols<kCols>(shift, mod + kD + col0);
+      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
+        const int r = warp * S::kRowsPerWarp + rr;
+        float x[kCols];
+        LoadCols<kCols>(x, xs + r * kXs + col0);
+        LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
+      }
     }
     __syncthreads();
     T* const dst[3] = {static_cast<T*>(p.q), static_cast<T*>(p.k), static_cast<T*>(p.v)};
@@ -356,30 +408,18 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1) RowKe
       WarpGemm<P, kD, kMT>(acc, as, frags, qkv_d(c), c < 2 ? qkv_d(c + 1) : none);
       StoreAcc<kMT, kNT, kXs>(ss, acc, w.qkv_b + c * kD, warp);
       __syncthreads();
+      float qk_w[kCols];
+      if (c < 2) LoadCols<kCols>(qk_w, (c == 0 ? w.rms_q : w.rms_k) + col0);
       for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
         const int r = warp * S::kRowsPerWarp + rr;
         if (r >= rows) break;  // warp-uniform
         float v[kCols];
-#pragma unroll
-        for (int j = 0; j < kCols; ++j) v[j] = ss[r * kXs + col0 + j];
+        LoadCols<kCols>(v, ss + r * kXs + col0);
         if (c < 2) {
-          RmsNormRow<kCols>(v, c == 0 ? w.rms_q : w.rms_k, col0);
-          if (tile.stream == 0) {
-            const float pos = static_cast<float>(si.start_pos + tile.row0 + r);
-#pragma unroll
-            for (int j = 0; j < kCols; j += 2) {
-              const int pair = ((col0 + j) % kHeadDim) / 2;
-              float sn, cs;
-              sincosf(pos * p.inv_freq[pair], &sn, &cs);
-              const float a = v[j], b = v[j + 1];
-              v[j] = a * cs - b * sn;
-              v[j + 1] = a * sn + b * cs;
-            }
-          }
+          RmsNormRow<kCols>(v, qk_w);
+          if (tile.stream == 0) RopeRow<kCols>(v, p.rope, si.start_pos + tile.row0 + r, col0);
         }
-        T* out = dst[c] + (size_t)(tok0 + r) * kD + col0;
-#pragma unroll
-        for (int j = 0; j < kCols; j += 2) Store2(out + j, v[j], v[j + 1]);
+        StoreRow<T, kCols>(dst[c] + (size_t)(tok0 + r) * kD + col0, v);
       }
       __syncthreads();
     }
@@ -543,18 +583,22 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWg(const RowParams p) {
       Store2(ss + (er + 8) * kXs + col, d[4 * j + 2] + b0, d[4 * j + 3] + b1);
     }
     __syncthreads();
+    float rms_w[kCols], gate[kCols], scale1[kCols], shift[kCols];
+    LoadCols<kCols>(rms_w, wp->out_rms + col0);
+    LoadCols<kCols>(gate, mod + 2 * kD + col0);
+    LoadScale<kCols>(scale1, mod + 3 * kD + col0);
+    LoadCols<kCols>(shift, mod + 4 * kD + col0);
     for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
       const int r = warp * S::kRowsPerWarp + rr;
       float v[kCols], x[kCols];
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) v[j] = ss[r * kXs + col0 + j];
-      RmsNormRow<kCols>(v, wp->out_rms, col0);
+      LoadCols<kCols>(v, ss + r * kXs + col0);
+      RmsNormRow<kCols>(v, rms_w);
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
-        x[j] = xs[r * kXs + col0 + j] + v[j] * mod[2 * kD + col0 + j];
+        x[j] = xs[r * kXs + col0 + j] + v[j] * gate[j];
         xs[r * kXs + col0 + j] = x[j];
       }
-      LayerNormModulateRow<kCols>(x, mod + 3 * kD, mod + 4 * kD, col0, as + r * kAs);
+      LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
     }
     float d2[32];
     ZeroAcc32(d2);
@@ -603,12 +647,16 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWg(const RowParams p) {
   if (wq != nullptr) {
     const float* mod =
         p.mod + ((size_t)(tile.sample * p.num_layers + p.qkv_layer) * 2 + tile.stream) * 6 * kD;
-    for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-      const int r = warp * S::kRowsPerWarp + rr;
-      float x[kCols];
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) x[j] = xs[r * kXs + col0 + j];
-      LayerNormModulateRow<kCols>(x, mod, mod + kD, col0, as + r * kAs);
+    {
+      float scale1[kCols], shift[kCols];
+      LoadScale<kCols>(scale1, mod + col0);
+      LoadCols<kCols>(shift, mod + kD + col0);
+      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
+        const int r = warp * S::kRowsPerWarp + rr;
+        float x[kCols];
+        LoadCols<kCols>(x, xs + r * kXs + col0);
+        LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
+      }
     }
     T* const dst[3] = {static_cast<T*>(p.q), static_cast<T*>(p.k), static_cast<T*>(p.v)};
     for (int c = 0; c < 3; ++c) {
@@ -623,30 +671,18 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWg(const RowParams p) {
         Store2(ss + (er + 8) * kXs + col, d[4 * j + 2] + b0, d[4 * j + 3] + b1);
       }
       __syncthreads();
+      float qk_w[kCols];
+      if (c < 2) LoadCols<kCols>(qk_w, (c == 0 ? wq->rms_q : wq->rms_k) + col0);
       for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
         const int r = warp * S::kRowsPerWarp + rr;
         if (r >= rows) break;  // warp-uniform
         float v[kCols];
-#pragma unroll
-        for (int j = 0; j < kCols; ++j) v[j] = ss[r * kXs + col0 + j];
+        LoadCols<kCols>(v, ss + r * kXs + col0);
         if (c < 2) {
-          RmsNormRow<kCols>(v, c == 0 ? wq->rms_q : wq->rms_k, col0);
-          if (tile.stream == 0) {
-            const float pos = static_cast<float>(si.start_pos + tile.row0 + r);
-#pragma unroll
-            for (int j = 0; j < kCols; j += 2) {
-              const int pair = ((col0 + j) % kHeadDim) / 2;
-              float sn, cs;
-              sincosf(pos * p.inv_freq[pair], &sn, &cs);
-              const float a = v[j], bb = v[j + 1];
-              v[j] = a * cs - bb * sn;
-              v[j + 1] = a * sn + bb * cs;
-            }
-          }
+          RmsNormRow<kCols>(v, qk_w);
+          if (tile.stream == 0) RopeRow<kCols>(v, p.rope, si.start_pos + tile.row0 + r, col0);
         }
-        T* out = dst[c] + (size_t)(tok0 + r) * kD + col0;
-#pragma unroll
-        for (int j = 0; j < kCols; j += 2) Store2(out + j, v[j], v[j + 1]);
+        StoreRow<T, kCols>(dst[c] + (size_t)(tok0 + r) * kD + col0, v);
       }
     }
   }
