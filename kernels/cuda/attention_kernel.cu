@@ -30,6 +30,13 @@ __device__ __forceinline__ float Exp2(float x) {
   return y;
 }
 
+// 2^x for two bf16 values at once.
+__device__ __forceinline__ uint32_t Exp2Bf16x2(uint32_t x) {
+  uint32_t y;
+  asm("ex2.approx.ftz.bf16x2 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // Bits i of the result: key base + i is visible from joint query row r (MODEL.md step 6).
 __device__ __forceinline__ uint32_t RangeBits(int base, int lo, int hi) {
   const int a = min(max(lo - base, 0), 32), b = min(max(hi - base, 0), 32);
@@ -54,7 +61,7 @@ __device__ __forceinline__ uint32_t VisibleWord(const uint32_t* mask, int L, int
 }
 
 template <Precision P>
-__global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) {
+__global__ void __launch_bounds__(256, P == Precision::kBf16 ? 3 : 1) AttentionKernel(const AttentionParams p) {
   using T = typename Prec<P>::T;
   __shared__ __align__(16) T ks[kStageKeys * kKStride];
   __shared__ __align__(16) T vt[kHeadDim * kVStride];
@@ -96,6 +103,7 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
   float o[2][4] = {};
+  float osum[4] = {};  // bf16: row sums of P (every column alike): rows g (0, 1) and g + 8 (2, 3)
   constexpr int kVec = 16 / sizeof(T);
   for (int kstage = 0; kstage < num_keys; kstage += kStageKeys) {
     __syncthreads();
@@ -168,19 +176,6 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
     const float al0 = Exp2(m0 * p.scale_log2 - b0), al1 = Exp2(m1 * p.scale_log2 - b1);
     m0 = mn0;
     m1 = mn1;
-    float rs0 = 0.0f, rs1 = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[j][e] = Exp2(fmaf(s[j][e], p.scale_log2, -b0));
-        s[j][2 + e] = Exp2(fmaf(s[j][2 + e], p.scale_log2, -b1));
-        rs0 += s[j][e];
-        rs1 += s[j][2 + e];
-      }
-    }
-    l0 = l0 * al0 + rs0;
-    l1 = l1 * al1 + rs1;
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
       o[n][0] *= al0;
@@ -189,20 +184,49 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
       o[n][3] *= al1;
     }
     if constexpr (P == Precision::kBf16) {
+      // Exponentials two at a time in bf16 (ex2.approx.ftz.bf16x2): the packed result is already
+      // P's A operand, half the MUFU work of fp32 exp2 and no conversion after it. Row sums come
+      // from the tensor cores as P times a column of ones, instead of 32 FADDs per lane per block
+      // (the ALU and FMA pipes, not the tensor cores, bound this kernel: 45 % ALU in the profile).
+      osum[0] *= al0;
+      osum[1] *= al0;
+      osum[2] *= al1;
+      osum[3] *= al1;
+      uint32_t pk[8][2];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        pk[j][0] = Exp2Bf16x2(PackBf16(fmaf(s[j][0], p.scale_log2, -b0),
+                                       fmaf(s[j][1], p.scale_log2, -b0)));
+        pk[j][1] = Exp2Bf16x2(PackBf16(fmaf(s[j][2], p.scale_log2, -b1),
+                                       fmaf(s[j][3], p.scale_log2, -b1)));
+      }
+      constexpr uint32_t kOnes = 0x3f803f80u;  // bf16x2 (1, 1)
 #pragma unroll
       for (int st = 0; st < 4; ++st) {
-        const uint32_t a[4] = {PackBf16(s[2 * st][0], s[2 * st][1]),
-                               PackBf16(s[2 * st][2], s[2 * st][3]),
-                               PackBf16(s[2 * st + 1][0], s[2 * st + 1][1]),
-                               PackBf16(s[2 * st + 1][2], s[2 * st + 1][3])};
+        const uint32_t a[4] = {pk[2 * st][0], pk[2 * st][1], pk[2 * st + 1][0],
+                               pk[2 * st + 1][1]};
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
           const T* vr = vt + (8 * n + g) * kVStride + kl + 16 * st + 2 * t;
           MmaBf16(o[n], a, *reinterpret_cast<const uint32_t*>(vr),
                   *reinterpret_cast<const uint32_t*>(vr + 8));
         }
+        MmaBf16(osum, a, kOnes, kOnes);
       }
     } else {
+      float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[j][e] = Exp2(fmaf(s[j][e], p.scale_log2, -b0));
+          s[j][2 + e] = Exp2(fmaf(s[j][2 + e], p.scale_log2, -b1));
+          rs0 += s[j][e];
+          rs1 += s[j][2 + e];
+        }
+      }
+      l0 = l0 * al0 + rs0;
+      l1 = l1 * al1 + rs1;
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
         uint32_t ahi[4], alo[4];
@@ -224,10 +248,15 @@ __global__ void __launch_bounds__(256) AttentionKernel(const AttentionParams p) 
   }  // key blocks of this stage
   }  // stages
   if (!active) return;
+  if constexpr (P == Precision::kBf16) {
+    l0 = osum[0];
+    l1 = osum[2];
+  } else {
 #pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    for (int off = 1; off < 4; off <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
   }
   const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
   T* out = static_cast<T*>(p.out) + base;
