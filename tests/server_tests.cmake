@@ -15,3 +15,7 @@ mmdit_add_test(server_binary_test
   LABELS server tsan)
 # The binary test runs the real server.
 add_dependencies(server_binary_test mmdit-server)
+mmdit_add_test(server_request_test
+  SOURCES server_request_test.cc
+  LIBS mmdit_server
+  LABELS server)
