@@ -4,6 +4,7 @@
 // of 1 to 512 (large ones checked on a subset of samples), both tile sizes, both precisions.
 // Outputs are NaN-poisoned before every run. Skips without a GPU.
 #include <cmath>
+#include <cstring>
 #include <future>
 #include <random>
 #include <string>
@@ -121,11 +122,13 @@ std::vector<int> CheckedSamples(int batch, int checked) {
     for (int i = 0; i < batch; ++i) idx.push_back(i);
     return idx;
   }
-  for (int k = 0; k < checked; ++k) idx.push_back(static_cast<int>((int64_t)k * (batch - 1) / (checked - 1)));
+  for (int k = 0; k < checked; ++k) {
+    idx.push_back(static_cast<int>(static_cast<int64_t>(k) * (batch - 1) / (checked - 1)));
+  }
   return idx;
 }
 
-// Runs the reference on the chosen samples (in parallel) and returns ‖gpu − ref‖ / ‖ref‖ over them.
+// Runs the reference on the chosen samples (in parallel); returns ‖gpu − ref‖ / ‖ref‖ over them.
 double CompareWithReference(const ModelWeights& w, const RandomBatch& b,
                             const std::vector<int>& idx) {
   const int d = w.config.dim;

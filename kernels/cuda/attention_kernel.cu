@@ -61,7 +61,8 @@ __device__ __forceinline__ uint32_t VisibleWord(const uint32_t* mask, int L, int
 }
 
 template <Precision P>
-__global__ void __launch_bounds__(256, P == Precision::kBf16 ? 3 : 1) AttentionKernel(const AttentionParams p) {
+__global__ void __launch_bounds__(256, P == Precision::kBf16 ? 3 : 1)
+    AttentionKernel(const AttentionParams p) {
   using T = typename Prec<P>::T;
   __shared__ __align__(16) T ks[kStageKeys * kKStride];
   __shared__ __align__(16) T vt[kHeadDim * kVStride];

@@ -309,12 +309,12 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   if (absl::Status s = Alloc(&p, io_bytes); !s.ok()) return s;
   dev_io = static_cast<uint8_t*>(p);
   const size_t act_bytes = sizeof(float) * static_cast<size_t>(max_tokens) * d;
-  const size_t t_bytes = (precision == Precision::kBf16 ? 2 : 4) * static_cast<size_t>(max_tokens) * d;
+  const size_t t_bytes =
+      (precision == Precision::kBf16 ? 2 : 4) * static_cast<size_t>(max_tokens) * d;
   if (absl::Status s = Alloc(&p, act_bytes); !s.ok()) return s;
   d_act = static_cast<float*>(p);
-  if (absl::Status s = Alloc(&p, sizeof(float) * static_cast<size_t>(mb) * n * 2 * 6 * d); !s.ok()) {
-    return s;
-  }
+  const size_t mod_bytes = sizeof(float) * static_cast<size_t>(mb) * n * 2 * 6 * d;
+  if (absl::Status s = Alloc(&p, mod_bytes); !s.ok()) return s;
   d_mod = static_cast<float*>(p);
   for (void** buf : {&d_q, &d_k, &d_v, &d_attn}) {
     if (absl::Status s = Alloc(buf, t_bytes); !s.ok()) return s;
@@ -504,8 +504,9 @@ absl::Status CudaForwardImpl::Fetch(ForwardBatch b) {
   if (batch == 0) return absl::OkStatus();
   const int d = config.dim;
   float* x = reinterpret_cast<float*>(host_io + off_x);
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(x, d_act, sizeof(float) * static_cast<size_t>(num_tokens) * d,
-                                       cudaMemcpyDeviceToHost, stream));
+  const size_t bytes = sizeof(float) * static_cast<size_t>(num_tokens) * d;
+  CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(x, d_act, bytes, cudaMemcpyDeviceToHost, stream));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   size_t tok = 0;
   for (const ForwardSample& s : b) {

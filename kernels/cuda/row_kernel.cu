@@ -244,7 +244,8 @@ __device__ __forceinline__ void StoreRow(T* out, const float (&v)[kCols]) {
 }
 
 template <Precision P, int kD, int kMT>
-__global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1) RowKernel(const RowParams p) {
+__global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
+    RowKernel(const RowParams p) {
   using S = RowShape<P, kD, kMT>;
   using T = typename Prec<P>::T;
   using W = typename Prec<P>::W;

@@ -229,10 +229,11 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
         if (!parts.ok()) return parts.status();
         breakdown += absl::StrFormat("%-5s B=%-4d", bf16 ? "bf16" : "fp32", b);
         for (const auto& [name, ms] : *parts) {
+          const int launches = name == "adaln" ? 1
+                               : name == "row"  ? config.num_layers + 1
+                                                : config.num_layers;
           breakdown += absl::StrFormat("  %s %.4f ms (%.1f us/launch)", name, ms,
-                                       1e3 * ms / (name == "adaln" ? 1 : name == "row"
-                                                                              ? config.num_layers + 1
-                                                                              : config.num_layers));
+                                       1e3 * ms / launches);
         }
         breakdown += "\n";
         std::fflush(stdout);
