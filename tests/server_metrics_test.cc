@@ -273,21 +273,9 @@ TEST(PromtoolTest, CatchesABrokenExposition) {
   EXPECT_NE(result.exit_code, 0) << result.output;
 }
 
-// docs/METRICS.md lists exactly the families the server exports, with their types.
+// docs/METRICS.md and the README's table list exactly the families the server exports, with
+// their types.
 TEST(DocsTest, MetricsDocMatchesTheCode) {
-  const std::string doc = ReadSourceFile("docs/METRICS.md");
-  ASSERT_FALSE(doc.empty()) << "docs/METRICS.md not found";
-  std::set<std::string> documented;
-  std::istringstream lines(doc);
-  for (std::string line; std::getline(lines, line);) {
-    // Table rows: | `name` | type | labels | meaning |
-    if (line.rfind("| `mmdit_", 0) != 0) continue;
-    const size_t name_end = line.find('`', 3);
-    const size_t type_start = line.find("| ", name_end) + 2;
-    const size_t type_end = line.find(' ', type_start);
-    documented.insert(line.substr(3, name_end - 3) + " " +
-                      line.substr(type_start, type_end - type_start));
-  }
   auto metrics = ServerMetrics::Create({});
   ASSERT_TRUE(metrics.ok());
   std::set<std::string> exported;
@@ -295,7 +283,22 @@ TEST(DocsTest, MetricsDocMatchesTheCode) {
   for (std::string line; std::getline(text, line);) {
     if (line.rfind("# TYPE ", 0) == 0) exported.insert(line.substr(7));
   }
-  EXPECT_EQ(documented, exported);
+  for (const char* file : {"docs/METRICS.md", "README.md"}) {
+    const std::string doc = ReadSourceFile(file);
+    ASSERT_FALSE(doc.empty()) << file << " not found";
+    std::set<std::string> documented;
+    std::istringstream lines(doc);
+    for (std::string line; std::getline(lines, line);) {
+      // Table rows: | `name` | type | labels | meaning |
+      if (line.rfind("| `mmdit_", 0) != 0) continue;
+      const size_t name_end = line.find('`', 3);
+      const size_t type_start = line.find("| ", name_end) + 2;
+      const size_t type_end = line.find(' ', type_start);
+      documented.insert(line.substr(3, name_end - 3) + " " +
+                        line.substr(type_start, type_end - type_start));
+    }
+    EXPECT_EQ(documented, exported) << file;
+  }
 }
 
 // The Prometheus config of deploy/ is valid, and every query of the Grafana dashboard parses
