@@ -17,9 +17,12 @@ namespace cuda {
 namespace {
 
 constexpr int kKeyBlock = 64;    // keys per score block in registers
-constexpr int kStageKeys = 256;  // keys per trip through shared memory: 4 blocks per barrier pair
+// Keys per trip through shared memory: 4 blocks per barrier pair in bf16; 2 in fp32, whose K
+// and V are stored split (tf32 hi and lo planes, split once by the loading thread instead of by
+// each of the 8 warps that read them).
+template <Precision P>
+__host__ __device__ constexpr int StageKeys() { return P == Precision::kBf16 ? 256 : 128; }
 constexpr int kKStride = 24;     // conflict-free K fragment loads (see mma.cuh)
-constexpr int kVStride = kStageKeys + 8;  // V^T rows, conflict-free for bf16 and float
 
 // exp2 on the MUFU alone: exp2f() adds denormal handling on the ALU pipe, the busiest pipe of
 // this kernel in the first profile (45 %). Inputs are <= 0; flushing results below 2^-126 to 0
@@ -64,8 +67,15 @@ template <Precision P>
 __global__ void __launch_bounds__(256, P == Precision::kBf16 ? 3 : 1)
     AttentionKernel(const AttentionParams p) {
   using T = typename Prec<P>::T;
-  __shared__ __align__(16) T ks[kStageKeys * kKStride];
-  __shared__ __align__(16) T vt[kHeadDim * kVStride];
+  constexpr int kStageKeys = StageKeys<P>();
+  constexpr int kVStride = kStageKeys + 8;  // V^T rows, conflict-free for bf16 and float
+  constexpr int kPlanes = P == Precision::kBf16 ? 1 : 2;
+  __shared__ __align__(16) T ks[kPlanes * kStageKeys * kKStride];
+  __shared__ __align__(16) T vt[kPlanes * kHeadDim * kVStride];
+  // fp32: the lo planes follow the hi planes.
+  const uint32_t* ks_u = reinterpret_cast<const uint32_t*>(ks);
+  const uint32_t* vt_u = reinterpret_cast<const uint32_t*>(vt);
+  constexpr int kKsLo = kStageKeys * kKStride, kVtLo = kHeadDim * kVStride;
 
   LaunchDependents();
   const AttnTile tile = p.tiles[blockIdx.x];
@@ -115,10 +125,31 @@ __global__ void __launch_bounds__(256, P == Precision::kBf16 ? 3 : 1)
         kv = *reinterpret_cast<const uint4*>(k + (size_t)(kstage + j) * p.dim + c);
         vv = *reinterpret_cast<const uint4*>(v + (size_t)(kstage + j) * p.dim + c);
       }
-      *reinterpret_cast<uint4*>(ks + j * kKStride + c) = kv;
-      const T* ve = reinterpret_cast<const T*>(&vv);
+      if constexpr (P == Precision::kBf16) {
+        *reinterpret_cast<uint4*>(ks + j * kKStride + c) = kv;
+        const T* ve = reinterpret_cast<const T*>(&vv);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) vt[(c + e) * kVStride + j] = ve[e];
+        for (int e = 0; e < kVec; ++e) vt[(c + e) * kVStride + j] = ve[e];
+      } else {
+        uint32_t* ku = reinterpret_cast<uint32_t*>(ks);
+        uint32_t* vu = reinterpret_cast<uint32_t*>(vt);
+        const float* ke = reinterpret_cast<const float*>(&kv);
+        const float* ve = reinterpret_cast<const float*>(&vv);
+        uint4 khi, klo;
+        SplitTf32(ke[0], khi.x, klo.x);
+        SplitTf32(ke[1], khi.y, klo.y);
+        SplitTf32(ke[2], khi.z, klo.z);
+        SplitTf32(ke[3], khi.w, klo.w);
+        *reinterpret_cast<uint4*>(ku + j * kKStride + c) = khi;
+        *reinterpret_cast<uint4*>(ku + kKsLo + j * kKStride + c) = klo;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          uint32_t hi, lo;
+          SplitTf32(ve[e], hi, lo);
+          vu[(c + e) * kVStride + j] = hi;
+          vu[kVtLo + (c + e) * kVStride + j] = lo;
+        }
+      }
     }
     __syncthreads();
     if (!active) continue;
@@ -133,13 +164,12 @@ __global__ void __launch_bounds__(256, P == Precision::kBf16 ? 3 : 1)
         MmaBf16(s[j], qa, *reinterpret_cast<const uint32_t*>(kr + 2 * t),
                 *reinterpret_cast<const uint32_t*>(kr + 2 * t + 8));
       } else {
+        const int ko = (kl + 8 * j + g) * kKStride + 2 * t;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float2 kv = *reinterpret_cast<const float2*>(kr + 8 * h + 2 * t);
-          uint32_t h0, l0b, h1, l1b;
-          SplitTf32(kv.x, h0, l0b);
-          SplitTf32(kv.y, h1, l1b);
-          Mma3xTf32(s[j], qhi[h], qlo[h], h0, h1, l0b, l1b);
+          const uint2 khi = *reinterpret_cast<const uint2*>(ks_u + ko + 8 * h);
+          const uint2 klo = *reinterpret_cast<const uint2*>(ks_u + kKsLo + ko + 8 * h);
+          Mma3xTf32(s[j], qhi[h], qlo[h], khi.x, khi.y, klo.x, klo.y);
         }
       }
     }
@@ -237,12 +267,10 @@ __global__ void __launch_bounds__(256, P == Precision::kBf16 ? 3 : 1)
         SplitTf32(s[u][3], ahi[3], alo[3]);
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          const float2 vv = *reinterpret_cast<const float2*>(vt + (8 * n + g) * kVStride + kl +
-                                                             8 * u + 2 * t);
-          uint32_t h0, lo0, h1, lo1;
-          SplitTf32(vv.x, h0, lo0);
-          SplitTf32(vv.y, h1, lo1);
-          Mma3xTf32(o[n], ahi, alo, h0, h1, lo0, lo1);
+          const int vo = (8 * n + g) * kVStride + kl + 8 * u + 2 * t;
+          const uint2 vhi = *reinterpret_cast<const uint2*>(vt_u + vo);
+          const uint2 vlo = *reinterpret_cast<const uint2*>(vt_u + kVtLo + vo);
+          Mma3xTf32(o[n], ahi, alo, vhi.x, vhi.y, vlo.x, vlo.y);
         }
       }
     }

@@ -91,6 +91,9 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
   constexpr int kNT = S::kNT;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   if constexpr (P == Precision::kBf16) {
+    // With one m-tile a warp has only kNT accumulators, so consecutive k-steps would form one
+    // dependent MMA chain per accumulator; odd k-steps go to a second set (added at the end).
+    float odd[kMT == 1 ? kNT : 1][4] = {};
 #pragma unroll
     for (int i = 0; i < kD / 16; ++i) {
 #pragma unroll
@@ -98,7 +101,13 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
         uint32_t a[4];
         LdMatrixX4(a, as + (16 * m + (lane & 15)) * S::kAs + 16 * i + (lane >> 4) * 8);
 #pragma unroll
-        for (int n = 0; n < kNT; ++n) MmaBf16(acc[m][n], a, f.b[i][n].x, f.b[i][n].y);
+        for (int n = 0; n < kNT; ++n) {
+          if (kMT == 1 && (i & 1)) {
+            MmaBf16(odd[kMT == 1 ? n : 0], a, f.b[i][n].x, f.b[i][n].y);
+          } else {
+            MmaBf16(acc[m][n], a, f.b[i][n].x, f.b[i][n].y);
+          }
+        }
       }
       if (next.wf != nullptr) {
 #pragma unroll
@@ -107,6 +116,12 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
                             lane);
         }
       }
+    }
+    if constexpr (kMT == 1) {
+#pragma unroll
+      for (int n = 0; n < kNT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[0][n][e] += odd[n][e];
     }
   } else {
 #pragma unroll 2
