@@ -37,11 +37,11 @@ class ThreadPool {
   std::mutex mu_;
   std::condition_variable start_cv_;
   std::condition_variable done_cv_;
-  uint64_t generation_ = 0;  // guarded by mu_
-  int running_ = 0;          // workers still in the current loop; guarded by mu_
-  bool stop_ = false;        // guarded by mu_
-  const absl::FunctionRef<void(int, int)>* fn_ = nullptr;
-  int num_tasks_ = 0;
+  std::atomic<uint64_t> generation_{0};  // written under mu_, spun on without it
+  std::atomic<int> running_{0};          // workers still in the current loop
+  bool stop_ = false;                    // guarded by mu_
+  const absl::FunctionRef<void(int, int)>* fn_ = nullptr;  // published by generation_
+  int num_tasks_ = 0;                                      // published by generation_
   std::atomic<int> next_task_{0};
 };
 
