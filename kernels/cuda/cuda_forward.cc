@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -457,9 +456,6 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.wgmma = use_wgmma ? 1 : 0;
   rp.wgmma_lbo = 128;  // bytes between the two core matrices of a k16 step (along K)
   rp.wgmma_sbo = 256;  // bytes between 8-row groups (along N)
-  if (const char* v = std::getenv("MMDIT_WGMMA_DESC_SWAP"); v != nullptr && v[0] == '1') {
-    std::swap(rp.wgmma_lbo, rp.wgmma_sbo);
-  }
 
   cuda::AttentionParams tp{};
   tp.tiles = reinterpret_cast<const AttnTile*>(dev_io + off_attn_tiles);

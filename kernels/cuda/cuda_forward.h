@@ -32,7 +32,7 @@ struct CudaForwardOptions {
   int row_tile_rows = 0;
   int attn_tile_queries = 0;
   // bf16 with D = 128: the 64-token row kernel on warpgroup MMA (wgmma) instead of mma.sync.
-  // Correct, but slower as it stands (docs/BENCHMARKS.md: 312 vs 204 us per launch at B = 256).
+  // Correct, but slower as it stands (docs/BENCHMARKS.md: 312 vs 172 us per launch at B = 256).
   bool use_wgmma = false;
 };
 
