@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <random>
 #include <string>
@@ -197,6 +198,12 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       fo.max_context_len = options.context_len;
       fo.precision = precision;
       fo.row_tile_rows = rows;
+      // Tile-size overrides for measurements (CudaForwardOptions::row_tile_rows and
+      // attn_tile_queries; 0 or unset: chosen by batch size).
+      if (const char* v = std::getenv("MMDIT_BENCH_ROW_TILE_ROWS")) fo.row_tile_rows = std::atoi(v);
+      if (const char* v = std::getenv("MMDIT_BENCH_ATTN_TILE_QUERIES")) {
+        fo.attn_tile_queries = std::atoi(v);
+      }
       absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, fo);
       if (!fwd.ok()) return fwd.status();
       CudaForward& f = **fwd;
