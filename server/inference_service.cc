@@ -100,8 +100,9 @@ grpc::Status InferenceService::ServerMetadata(grpc::ServerContext*,
                                               inference::ServerMetadataResponse* response) {
   response->set_name(kServerName);
   response->set_version(kServerVersion);
+  // RepositoryIndex is answered too, but not the load/unload half of Triton's model_repository
+  // extension, so it is not claimed.
   response->add_extensions("statistics");
-  response->add_extensions("model_repository");
   return grpc::Status::OK;
 }
 
