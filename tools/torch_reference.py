@@ -16,9 +16,14 @@ import struct
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+# Debian's torch runs its GEMMs through OpenBLAS, whose own threads on top of torch's OpenMP
+# threads oversubscribe small machines: on 2 Zen 3 cores, batch 1 took 174 ms with OpenBLAS's
+# default threads and 60 ms with one. Read when OpenBLAS loads, so set before importing torch.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 LN_EPS = 1e-6
 RMS_EPS = 1.1920929e-07  # float32 machine epsilon
@@ -197,9 +202,9 @@ def bench(threads, batches, l=186, c=64, budget_s=10.0):
     w = random_weights()
     fl = flops_per_sample(l, c)
     load = os.getloadavg()
-    print(f"PyTorch {torch.__version__} lean fp32, {threads} threads, L={l} C={c} D=128 H=8 "
-          f"F=512 N=12, {fl * 1e-9:.3f} GFLOP/sample; load average {load[0]:.2f} "
-          f"{load[1]:.2f} {load[2]:.2f}")
+    print(f"PyTorch {torch.__version__} lean fp32, {threads} threads (OPENBLAS_NUM_THREADS="
+          f"{os.environ.get('OPENBLAS_NUM_THREADS')}), L={l} C={c} D=128 H=8 F=512 N=12, "
+          f"{fl * 1e-9:.3f} GFLOP/sample; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"{'batch':>6s} {'ms/batch':>10s} {'min ms':>10s} {'samples/s':>10s} {'GFLOP/s':>8s} "
           f"{'cpu ms':>9s} {'runs':>5s}")
     g = torch.Generator().manual_seed(2)
