@@ -329,7 +329,8 @@ void ServedModel::ProcessBatch(Batcher::Batch batch) {
       absl::MutexLock lock(&stats_mu_);
       ++execution_count_;
       inference_count_ += n;
-      compute_.Add(compute);
+      // As Triton counts it: once per request here, once per execution in batch_stats.
+      for (size_t i = 0; i < batch.size(); ++i) compute_.Add(compute);
       batch_stats_[n].Add(compute);
       last_inference_ms_ = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now()));
     }
