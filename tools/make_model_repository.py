@@ -51,7 +51,7 @@ def main():
     with open(os.path.join(model_dir, "config.pbtxt"), "w") as out:
         out.write(f'name: "{a.name}"\nmax_batch_size: {a.max_batch_size}\nprecision: "{a.precision}"\n'
                   f"mmdit {{ dim: {d} num_heads: {h} dim_feedforward: {f} num_layers: {n} }}\n"
-                  "dynamic_batching { max_queue_delay_microseconds: 1000 }\n")
+                  "dynamic_batching { max_queue_delay_microseconds: 0 }\n")
     print(f"{model_dir}: D={d} H={h} F={f} N={n}, version {a.version}")
 
 
