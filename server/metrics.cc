@@ -169,49 +169,46 @@ T& Family<T>::WithLabels(absl::Span<const std::string> label_values) {
   return **Get(values);
 }
 
-template <>
-void Family<Counter>::Render(std::string* out) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  std::vector<const std::vector<std::string>*> keys;
-  for (const auto& [key, child] : children_) keys.push_back(&key);
-  std::sort(keys.begin(), keys.end(), [](auto* a, auto* b) { return *a < *b; });
-  for (const auto* key : keys) {
-    AppendSample(out, name_, label_names_, *key, "", children_.at(*key)->Value());
-  }
+namespace {
+
+// One child's samples: a single value for counters and gauges, buckets, sum and count for
+// histograms.
+void AppendChild(std::string* out, const std::string& name,
+                 const std::vector<std::string>& label_names,
+                 const std::vector<std::string>& key, const Counter& child) {
+  AppendSample(out, name, label_names, key, "", child.Value());
 }
 
-template <>
-void Family<Gauge>::Render(std::string* out) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  std::vector<const std::vector<std::string>*> keys;
-  for (const auto& [key, child] : children_) keys.push_back(&key);
-  std::sort(keys.begin(), keys.end(), [](auto* a, auto* b) { return *a < *b; });
-  for (const auto* key : keys) {
-    AppendSample(out, name_, label_names_, *key, "", children_.at(*key)->Value());
-  }
+void AppendChild(std::string* out, const std::string& name,
+                 const std::vector<std::string>& label_names,
+                 const std::vector<std::string>& key, const Gauge& child) {
+  AppendSample(out, name, label_names, key, "", child.Value());
 }
 
-template <>
-void Family<Histogram>::Render(std::string* out) const {
+void AppendChild(std::string* out, const std::string& name,
+                 const std::vector<std::string>& label_names,
+                 const std::vector<std::string>& key, const Histogram& child) {
+  const Histogram::Snapshot s = child.Collect();
+  const std::string bucket_name = name + "_bucket";
+  for (size_t i = 0; i < s.upper_bounds.size(); ++i) {
+    AppendSample(out, bucket_name, label_names, key,
+                 absl::StrCat("le=\"", FormatMetricValue(s.upper_bounds[i]), "\""),
+                 static_cast<double>(s.cumulative_counts[i]));
+  }
+  AppendSample(out, bucket_name, label_names, key, "le=\"+Inf\"", static_cast<double>(s.count));
+  AppendSample(out, name + "_sum", label_names, key, "", s.sum);
+  AppendSample(out, name + "_count", label_names, key, "", static_cast<double>(s.count));
+}
+
+}  // namespace
+
+template <typename T>
+void Family<T>::Render(std::string* out) const {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<const std::vector<std::string>*> keys;
   for (const auto& [key, child] : children_) keys.push_back(&key);
   std::sort(keys.begin(), keys.end(), [](auto* a, auto* b) { return *a < *b; });
-  const std::string bucket_name = name_ + "_bucket";
-  const std::string sum_name = name_ + "_sum";
-  const std::string count_name = name_ + "_count";
-  for (const auto* key : keys) {
-    const Histogram::Snapshot s = children_.at(*key)->Collect();
-    for (size_t i = 0; i < s.upper_bounds.size(); ++i) {
-      AppendSample(out, bucket_name, label_names_, *key,
-                   absl::StrCat("le=\"", FormatMetricValue(s.upper_bounds[i]), "\""),
-                   static_cast<double>(s.cumulative_counts[i]));
-    }
-    AppendSample(out, bucket_name, label_names_, *key, "le=\"+Inf\"",
-                 static_cast<double>(s.count));
-    AppendSample(out, sum_name, label_names_, *key, "", s.sum);
-    AppendSample(out, count_name, label_names_, *key, "", static_cast<double>(s.count));
-  }
+  for (const auto* key : keys) AppendChild(out, name_, label_names_, *key, *children_.at(*key));
 }
 
 template class Family<Counter>;
