@@ -4,17 +4,20 @@
 #include "kernels/cpu/fast_forward.h"
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <new>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/cpu/reference_forward.h"
+#include "kernels/cpu/thread_pool.h"
 #include "kernels/model_weights.h"
 #include "tests/test_util.h"
 
@@ -275,6 +278,45 @@ TEST_P(CpuFastForwardTest, SeenShapeDoesNotAllocate) {
   const int64_t allocations = g_allocations.load() - before;
   ASSERT_TRUE(st.ok()) << st;
   EXPECT_EQ(allocations, 0);
+}
+
+// The pool and a small threaded forward: short, so the ThreadSanitizer build runs them too
+// (the `tsan` entry in cpu_fast_tests.cmake).
+TEST(ThreadPoolTest, RunsEveryTaskOnceOnValidThreads) {
+  ThreadPool pool(4);
+  std::vector<std::atomic<int>> runs(1000);
+  std::atomic<int> bad_thread{0};
+  pool.ParallelFor(1000, [&](int task, int thread) {
+    runs[task].fetch_add(1);
+    if (thread < 0 || thread >= 4) bad_thread.fetch_add(1);
+  });
+  for (const auto& r : runs) ASSERT_EQ(r.load(), 1);
+  EXPECT_EQ(bad_thread.load(), 0);
+}
+
+TEST(ThreadPoolTest, ManyShortLoopsAndIdleGaps) {
+  ThreadPool pool(3);
+  std::vector<int64_t> sums(3, 0);
+  int64_t expected = 0;
+  for (int loop = 0; loop < 2000; ++loop) {
+    // Per-thread slots: each thread writes only its own, the pool orders loops.
+    pool.ParallelFor(5, [&](int task, int thread) { sums[thread] += task + loop; });
+    expected += 10 + 5 * loop;
+    if (loop % 500 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  EXPECT_EQ(sums[0] + sums[1] + sums[2], expected);
+}
+
+TEST(ThreadPoolTest, SmallForwardWithThreeThreads) {
+  const MmditConfig config = Config(32, 4, 64, 1);
+  const ModelWeights weights = ModelWeights::Deterministic(config, 21);
+  auto fast = MakeFast(weights, 3, 3);
+  ASSERT_NE(fast, nullptr);
+  for (int repeat = 0; repeat < 2; ++repeat) {
+    EXPECT_LE(CompareWithReference(weights, *fast, {{5, 3}, {2, 2}, {9, 1}}, MaskKind::kRandom,
+                                   22 + repeat),
+              kFp32Tolerance);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Kernels, CpuFastForwardTest, ::testing::Values("", "avx2", "generic"),
