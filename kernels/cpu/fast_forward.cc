@@ -9,8 +9,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <thread>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -114,14 +114,14 @@ const cpu_fast::Kernels& SelectKernels() {
   return cpu_fast::generic::kKernels;
 }
 
-// 64-byte aligned float storage that only grows.
+// 64-byte aligned float storage that only grows. Reserve returns null when memory runs out.
 class Workspace {
  public:
   float* Reserve(size_t floats) {
     if (floats > size_) {
       data_.reset(static_cast<float*>(
           std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64)));
-      size_ = floats;
+      size_ = data_ != nullptr ? floats : 0;
     }
     return data_.get();
   }
@@ -252,9 +252,12 @@ absl::StatusOr<std::unique_ptr<CpuFastForward>> CpuFastForward::Create(
   // allocates) when a batch carries more tokens than any before.
   const int b = options.max_batch_size;
   const size_t tokens = static_cast<size_t>(b) * kPlannedTokensPerSample;
-  impl->attention.Reserve(4 * tokens * d + static_cast<size_t>(b) * 4 * 16);
   impl->scratch_floats = RoundUp16(cpu_fast::ScratchFloats(p, kMaxRowsPerTask));
-  impl->scratch.Reserve(impl->scratch_floats * threads);
+  if (impl->attention.Reserve(4 * tokens * d + static_cast<size_t>(b) * 4 * 16) == nullptr ||
+      impl->scratch.Reserve(impl->scratch_floats * threads) == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "CPU forward: no memory for the workspace of max_batch_size %d", b));
+  }
   impl->silu_y.resize(static_cast<size_t>(b) * d);
   impl->modulation.resize(static_cast<size_t>(b) * n * 2 * 6 * d);
   impl->visible.reserve(static_cast<size_t>(b) * kPlannedTokensPerSample);
@@ -288,13 +291,19 @@ absl::Status CpuFastForward::Impl::Run(ForwardBatch batch) {
     total_rows += static_cast<int>(t);
   }
   float* ws = attention.Reserve(floats);
+  if (ws == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "CPU forward: no memory for the workspace of %d samples (%d tokens)", b, total_rows));
+  }
   size_t max_tpad = 0;
   for (const ForwardSample& fs : batch) {
     max_tpad = std::max<size_t>(max_tpad, fs.seq_len + fs.context_len);
   }
   max_tpad = (max_tpad + cpu_fast::kKeyBlock - 1) / cpu_fast::kKeyBlock * cpu_fast::kKeyBlock;
   scratch_floats = std::max(scratch_floats, RoundUp16(max_tpad * params.head_dim));
-  scratch.Reserve(scratch_floats * pool->num_threads());
+  if (scratch.Reserve(scratch_floats * pool->num_threads()) == nullptr) {
+    return absl::ResourceExhaustedError("CPU forward: no memory for per-thread scratch");
+  }
   visible.resize(visible_bytes);
   samples.resize(b);
   size_t vis_off = 0;
