@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <ctime>
 #include <sched.h>
-#include <random>
 #include <thread>
 #include <vector>
 
@@ -16,50 +15,11 @@
 #include "kernels/cpu/fast_forward.h"
 #include "kernels/cpu/reference_forward.h"
 #include "kernels/model_weights.h"
+#include "tools/bench/bench_inputs.h"
 #include "tools/bench/benchmarks.h"
 
 namespace mmdit {
 namespace {
-
-// FLOPs of one sample (MODEL.md): 1.56 GFLOP at the target shape.
-double FlopsPerSample(const MmditConfig& c, int seq_len, int context_len) {
-  const double t = seq_len + context_len, d = c.dim, f = c.dim_feedforward;
-  const double per_layer =
-      2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * f + 4 * d * 6 * d;
-  return per_layer * c.num_layers;
-}
-
-struct Inputs {
-  std::vector<float> x, y, context, x_out, context_out;
-  std::vector<ForwardSample> samples;
-};
-
-Inputs MakeInputs(const MmditConfig& c, int batch, int seq_len, int context_len) {
-  std::mt19937 rng(1234);
-  std::normal_distribution<float> normal;
-  Inputs in;
-  const size_t d = c.dim;
-  in.x.resize(batch * seq_len * d);
-  in.y.resize(batch * d);
-  in.context.resize(batch * context_len * d);
-  for (auto* v : {&in.x, &in.y, &in.context}) {
-    for (float& e : *v) e = normal(rng);
-  }
-  in.x_out.resize(in.x.size());
-  in.context_out.resize(in.context.size());
-  for (int b = 0; b < batch; ++b) {
-    ForwardSample s;
-    s.seq_len = seq_len;
-    s.context_len = context_len;
-    s.x = in.x.data() + b * seq_len * d;
-    s.y = in.y.data() + b * d;
-    s.context = in.context.data() + b * context_len * d;
-    s.x_out = in.x_out.data() + b * seq_len * d;
-    s.context_out = in.context_out.data() + b * context_len * d;
-    in.samples.push_back(s);
-  }
-  return in;
-}
 
 struct Timing {
   double median_ms = 0, min_ms = 0;
@@ -128,7 +88,8 @@ absl::Status RunCpuBenchmark(const BenchOptions& options) {
     fo.max_batch_size = b;
     absl::StatusOr<std::unique_ptr<CpuFastForward>> fast = CpuFastForward::Create(weights, fo);
     if (!fast.ok()) return fast.status();
-    Inputs in = MakeInputs(config, b, options.seq_len, options.context_len);
+    BenchInputs in = MakeBenchInputs(config, b, options.seq_len,
+                                     options.context_len, /*seed=*/1234);
     absl::StatusOr<Timing> t = TimeIt([&] { return (*fast)->Run(in.samples); },
                                       std::max(1, std::min(options.warmup_iters, 3)),
                                       options.timed_iters, 10.0);
@@ -139,7 +100,8 @@ absl::Status RunCpuBenchmark(const BenchOptions& options) {
                 t->runs);
   }
 
-  Inputs in = MakeInputs(config, 1, options.seq_len, options.context_len);
+  BenchInputs in = MakeBenchInputs(config, 1, options.seq_len,
+                                   options.context_len, /*seed=*/1234);
   absl::StatusOr<Timing> ref =
       TimeIt([&] { return ReferenceForward(weights, in.samples); }, 0, 3, 5.0);
   if (!ref.ok()) return ref.status();

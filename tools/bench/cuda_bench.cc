@@ -8,7 +8,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -18,19 +17,13 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_forward.h"
 #include "kernels/model_weights.h"
+#include "tools/bench/bench_inputs.h"
 #include "tools/bench/benchmarks.h"
 
 namespace mmdit {
 namespace {
 
 constexpr double kBf16PeakTflops = 990.0;  // dense bf16, H100 SXM
-
-double FlopsPerSample(const MmditConfig& c, int seq_len, int context_len) {
-  const double t = seq_len + context_len, d = c.dim, f = c.dim_feedforward;
-  const double per_layer =
-      2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * f + 4 * d * 6 * d;
-  return per_layer * c.num_layers;
-}
 
 // PERF.md's best measured PyTorch on an H100 at L=186, C=64 (ms); 0 = not measured.
 double AnchorMs(bool bf16, int batch) {
@@ -50,38 +43,6 @@ double AnchorMs(bool bf16, int batch) {
     }
   }
   return 0.0;
-}
-
-struct Inputs {
-  std::vector<float> x, y, context, x_out, context_out;
-  std::vector<ForwardSample> samples;
-};
-
-Inputs MakeInputs(const MmditConfig& c, int batch, int seq_len, int context_len) {
-  std::mt19937 rng(4321);
-  std::normal_distribution<float> normal;
-  Inputs in;
-  const size_t d = c.dim;
-  in.x.resize(batch * seq_len * d);
-  in.y.resize(batch * d);
-  in.context.resize(batch * context_len * d);
-  for (auto* v : {&in.x, &in.y, &in.context})
-    for (float& e : *v) e = normal(rng);
-  in.x_out.assign(in.x.size(), NAN);
-  in.context_out.assign(in.context.size(), NAN);
-  for (int b = 0; b < batch; ++b) {
-    ForwardSample s;
-    s.seq_len = seq_len;
-    s.context_len = context_len;
-    s.x = &in.x[b * seq_len * d];
-    s.y = &in.y[b * d];
-    s.context = &in.context[b * context_len * d];
-    s.start_pos = b % 7;
-    s.x_out = &in.x_out[b * seq_len * d];
-    s.context_out = &in.context_out[b * context_len * d];
-    in.samples.push_back(s);
-  }
-  return in;
 }
 
 double Median(std::vector<float> v) {
@@ -208,7 +169,8 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (!fwd.ok()) return fwd.status();
       CudaForward& f = **fwd;
       for (int b : batches) {
-        Inputs in = MakeInputs(config, b, options.seq_len, options.context_len);
+        BenchInputs in = MakeBenchInputs(config, b, options.seq_len,
+                                         options.context_len, /*seed=*/4321);
         if (absl::Status s = f.Stage(in.samples); !s.ok()) return s;
         absl::StatusOr<double> stream_ms = TimeMedian(
             f.stream(), options.warmup_iters, options.timed_iters, [&] { return f.RunStaged(); });
