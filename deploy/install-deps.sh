@@ -11,7 +11,7 @@ build_pkgs=(
   libabsl-dev nlohmann-json3-dev libopenblas-dev
   libgtest-dev libgmock-dev
   prometheus   # promtool and a real Prometheus for the metrics tests
-  python3 python3-numpy
+  python3 python3-numpy python3-grpcio python3-grpc-tools python3-protobuf
 )
 pkgs=("${build_pkgs[@]}")
 if [ "${1:-}" = "--runtime" ]; then pkgs=("${runtime_pkgs[@]}"); fi
