@@ -6,6 +6,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -36,6 +38,14 @@ int main(int argc, char** argv) {
       "Sends inputs to a running mmdit-server and writes its outputs.\n"
       "  mmdit-client --server=127.0.0.1:8001 --model=mmdit --inputs=IN.safetensors "
       "--outputs=OUT.safetensors [--typed] [--timeout_ms=N]");
+  // --help lists this file's flags: Abseil would look for a file named after the binary, whose
+  // dashes are this file's underscores. It records paths without their leading '/'.
+  absl::FlagsUsageConfig usage;
+  usage.contains_helpshort_flags = [](absl::string_view path) {
+    return absl::EndsWith(__FILE__, path);
+  };
+  usage.contains_help_flags = usage.contains_helpshort_flags;
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
   const std::string inputs_path = absl::GetFlag(FLAGS_inputs);
   if (inputs_path.empty()) return Fail("--inputs is required");

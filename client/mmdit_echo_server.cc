@@ -152,12 +152,13 @@ int main(int argc, char** argv) {
       "A bare Open Inference Protocol gRPC server that answers ModelInfer with the request's x "
       "and context bytes as x_out and context_out: the floor of mmdit-server's overhead.\n"
       "  mmdit-echo-server [--host=127.0.0.1] [--grpc_port=0] [--port_file=FILE]");
-  // --help lists the flags of this file (Abseil matches a file to the binary's name, and the
-  // file's underscores are the binary's dashes).
+  // --help lists this file's flags: Abseil would look for a file named after the binary, whose
+  // dashes are this file's underscores. It records paths without their leading '/'.
   absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view path) {
-    return absl::StrContains(path, "mmdit_echo_server");
+  usage.contains_helpshort_flags = [](absl::string_view path) {
+    return absl::EndsWith(__FILE__, path);
   };
+  usage.contains_help_flags = usage.contains_helpshort_flags;
   absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
 

@@ -5,6 +5,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/flags/usage.h"
 #include "absl/time/time.h"
 #include "client/inference_client.h"
@@ -28,6 +30,14 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Load test for mmdit-server.\n"
       "  mmdit-loadgen --server=127.0.0.1:8001 --concurrency=8 --requests=1000 --batch=4");
+  // --help lists this file's flags: Abseil would look for a file named after the binary, whose
+  // dashes are this file's underscores. It records paths without their leading '/'.
+  absl::FlagsUsageConfig usage;
+  usage.contains_helpshort_flags = [](absl::string_view path) {
+    return absl::EndsWith(__FILE__, path);
+  };
+  usage.contains_help_flags = usage.contains_helpshort_flags;
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
   mmdit::LoadGenerator::Options options;
   options.address = absl::GetFlag(FLAGS_server);

@@ -9,6 +9,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
@@ -62,6 +64,14 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Serves MMDiT models over the Open Inference Protocol.\n"
       "  mmdit-server [--model_repository=DIR] [--grpc_port=8001] [--http_port=8002]");
+  // --help lists this file's flags: Abseil would look for a file named after the binary, whose
+  // dashes are this file's underscores. It records paths without their leading '/'.
+  absl::FlagsUsageConfig usage;
+  usage.contains_helpshort_flags = [](absl::string_view path) {
+    return absl::EndsWith(__FILE__, path);
+  };
+  usage.contains_help_flags = usage.contains_helpshort_flags;
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
 
   // Block the stop signals before any thread starts, so that every thread inherits the mask and

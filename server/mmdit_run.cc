@@ -10,6 +10,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
@@ -230,6 +232,14 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Offline forward pass: mmdit-run --model_repository DIR --model NAME "
       "--inputs IN.safetensors --outputs OUT.safetensors [--device auto|cpu|cuda]");
+  // --help lists this file's flags: Abseil would look for a file named after the binary, whose
+  // dashes are this file's underscores. It records paths without their leading '/'.
+  absl::FlagsUsageConfig usage;
+  usage.contains_helpshort_flags = [](absl::string_view path) {
+    return absl::EndsWith(__FILE__, path);
+  };
+  usage.contains_help_flags = usage.contains_helpshort_flags;
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
   absl::Status status = mmdit::Run();
   if (!status.ok()) {

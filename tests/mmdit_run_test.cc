@@ -132,6 +132,15 @@ TEST_F(MmditRunTest, BadInputsFailWithAClearMessage) {
   }
 }
 
+TEST_F(MmditRunTest, HelpListsEveryFlagWithItsDefault) {
+  Result r = RunTool("--help");
+  for (const char* flag : {"--model_repository", "--model ", "--version", "--inputs", "--outputs",
+                           "--device", "--cpu_forward", "--cpu_threads"}) {
+    EXPECT_THAT(r.output, HasSubstr(flag)) << r.output;
+  }
+  EXPECT_THAT(r.output, HasSubstr("default: \"auto\""));
+}
+
 TEST_F(MmditRunTest, MaskRowWithoutVisibleKeyIsAnError) {
   auto io = SafetensorsFile::Read(fixture_.io_path());
   SafetensorsWriter w;

@@ -6,6 +6,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "tools/bench/bench_options.h"
@@ -27,6 +29,14 @@ ABSL_FLAG(int, cpu_threads, 0, "CPU worker threads; 0: every core");
 ABSL_FLAG(int, gpu, 0, "CUDA device ordinal");
 
 int main(int argc, char** argv) {
+  // --help lists this file's flags: Abseil would look for a file named after the binary, whose
+  // dashes are this file's underscores. It records paths without their leading '/'.
+  absl::FlagsUsageConfig usage;
+  usage.contains_helpshort_flags = [](absl::string_view path) {
+    return absl::EndsWith(__FILE__, path);
+  };
+  usage.contains_help_flags = usage.contains_helpshort_flags;
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
   mmdit::BenchOptions options;
   options.seq_len = absl::GetFlag(FLAGS_seq_len);
