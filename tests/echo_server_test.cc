@@ -20,83 +20,13 @@
 #include "absl/time/clock.h"
 #include "client/inference_client.h"
 #include "gtest/gtest.h"
+#include "tests/child_process.h"
 #include "tests/test_util.h"
 
 namespace mmdit {
 namespace {
 
 std::string EchoBinary() { return std::string(MMDIT_BINARY_DIR) + "/client/mmdit-echo-server"; }
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-// The echo server as a child process, stdout and stderr in a log file; killed if still running.
-class EchoProcess {
- public:
-  EchoProcess(std::vector<std::string> args, const std::string& log_path) : log_(log_path) {
-    args.insert(args.begin(), EchoBinary());
-    pid_ = fork();
-    if (pid_ == 0) {
-      const int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      dup2(fd, 1);
-      dup2(fd, 2);
-      std::vector<char*> argv;
-      for (std::string& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-  }
-  ~EchoProcess() {
-    if (pid_ > 0 && !exited_) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-  // The exit code once the process ended within `timeout`; -1 otherwise (or on a signal).
-  int Wait(absl::Duration timeout) {
-    const absl::Time give_up = absl::Now() + timeout;
-    while (absl::Now() < give_up) {
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        exited_ = true;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    return -1;
-  }
-  bool running() {
-    if (exited_) return false;
-    int status = 0;
-    if (waitpid(pid_, &status, WNOHANG) == pid_) exited_ = true;
-    return !exited_;
-  }
-  void Signal(int sig) { kill(pid_, sig); }
-  std::string log() const { return ReadFile(log_); }
-
- private:
-  pid_t pid_ = -1;
-  bool exited_ = false;
-  std::string log_;
-};
-
-// Waits (bounded) for the port file's grpc_port line; 0 if it never came.
-int WaitForPort(EchoProcess& server, const std::string& port_file) {
-  const absl::Time give_up = absl::Now() + absl::Seconds(30);
-  while (absl::Now() < give_up && server.running()) {
-    for (absl::string_view line : absl::StrSplit(ReadFile(port_file), '\n')) {
-      int port = 0;
-      if (absl::ConsumePrefix(&line, "grpc_port=") && absl::SimpleAtoi(line, &port)) return port;
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  return 0;
-}
 
 InferTensor RandomTensor(const std::string& name, std::vector<int64_t> shape, uint32_t seed) {
   int64_t n = 1;
@@ -120,9 +50,10 @@ const InferTensor* Find(const std::vector<InferTensor>& tensors, const std::stri
 TEST(EchoServerTest, EchoesTheRequestBytesAndStopsOnSigterm) {
   const std::string dir = testing::MakeTempDir("echo_server_test");
   const std::string port_file = dir + "/ports";
-  EchoProcess server({"--host=127.0.0.1", "--grpc_port=0", "--port_file=" + port_file},
-                     dir + "/echo.log");
-  const int port = WaitForPort(server, port_file);
+  testing::ChildProcess server(
+      EchoBinary(), {"--host=127.0.0.1", "--grpc_port=0", "--port_file=" + port_file},
+      dir + "/echo.log");
+  const int port = server.WaitForPort(port_file, "grpc_port", absl::Seconds(30));
   ASSERT_GT(port, 0) << "no port file; log:\n" << server.log();
 
   InferenceClient::Options options;
@@ -175,7 +106,7 @@ TEST(EchoServerTest, EchoesTheRequestBytesAndStopsOnSigterm) {
 
 TEST(EchoServerTest, RejectsABadPort) {
   const std::string dir = testing::MakeTempDir("echo_server_bad_port");
-  EchoProcess server({"--grpc_port=70000"}, dir + "/echo.log");
+  testing::ChildProcess server(EchoBinary(), {"--grpc_port=70000"}, dir + "/echo.log");
   EXPECT_EQ(server.Wait(absl::Seconds(30)), 2) << server.log();
   EXPECT_TRUE(absl::StrContains(server.log(), "--grpc_port")) << server.log();
 }

@@ -25,84 +25,13 @@
 #include "gtest/gtest.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/grpc_service.grpc.pb.h"
+#include "tests/child_process.h"
 #include "tests/test_util.h"
 
 namespace mmdit {
 namespace {
 
 std::string ServerBinary() { return std::string(MMDIT_BINARY_DIR) + "/server/mmdit-server"; }
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-// A child process running mmdit-server with its stderr in a file.
-class ServerProcess {
- public:
-  ServerProcess(std::vector<std::string> args, const std::string& log_path) : log_(log_path) {
-    args.insert(args.begin(), ServerBinary());
-    pid_ = fork();
-    if (pid_ == 0) {
-      const int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      dup2(fd, 1);
-      dup2(fd, 2);
-      std::vector<char*> argv;
-      for (std::string& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-  }
-  ~ServerProcess() {
-    if (pid_ > 0 && !exited_) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-  // The exit code once the process ended within `timeout`; -1 otherwise (or on a signal).
-  int Wait(absl::Duration timeout) {
-    const absl::Time give_up = absl::Now() + timeout;
-    while (absl::Now() < give_up) {
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        exited_ = true;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    return -1;
-  }
-  bool running() {
-    if (exited_) return false;
-    int status = 0;
-    if (waitpid(pid_, &status, WNOHANG) == pid_) exited_ = true;
-    return !exited_;
-  }
-  void Signal(int sig) { kill(pid_, sig); }
-  std::string log() const { return ReadFile(log_); }
-
- private:
-  pid_t pid_ = -1;
-  bool exited_ = false;
-  std::string log_;
-};
-
-// Waits (bounded) for --port_file and returns its `key` ("grpc_port", "http_port"), or 0.
-int WaitForPort(ServerProcess& server, const std::string& port_file, const std::string& key) {
-  const absl::Time give_up = absl::Now() + absl::Seconds(90);
-  while (absl::Now() < give_up && server.running()) {
-    const std::string text = ReadFile(port_file);
-    for (absl::string_view line : absl::StrSplit(text, '\n')) {
-      int port = 0;
-      if (absl::ConsumePrefix(&line, key + "=") && absl::SimpleAtoi(line, &port)) return port;
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  return 0;
-}
 
 // GET `path` from 127.0.0.1:`port`; the whole answer (status line, headers, body), or "".
 std::string HttpGet(int port, const std::string& path) {
@@ -166,13 +95,14 @@ TEST(ServerBinaryTest, ServesAFixtureThenDrainsOnSigtermAndExitsZero) {
                                 "dynamic_batching { max_queue_delay_microseconds: 1500000 }\n"
                                 "instance_group [{ kind: KIND_CPU count: 1 }]\n");
   const std::string port_file = dir + "/ports";
-  ServerProcess server({"--model_repository=" + repo, "--host=127.0.0.1", "--grpc_port=0",
-                        "--http_port=0", "--port_file=" + port_file, "--cpu_threads=1",
-                        "--exit_timeout_secs=30"},
-                       dir + "/server.log");
-  const int port = WaitForPort(server, port_file, "grpc_port");
+  testing::ChildProcess server(ServerBinary(),
+                               {"--model_repository=" + repo, "--host=127.0.0.1",
+                                "--grpc_port=0", "--http_port=0", "--port_file=" + port_file,
+                                "--cpu_threads=1", "--exit_timeout_secs=30"},
+                               dir + "/server.log");
+  const int port = server.WaitForPort(port_file, "grpc_port");
   ASSERT_GT(port, 0) << server.log();
-  const int http_port = WaitForPort(server, port_file, "http_port");
+  const int http_port = server.WaitForPort(port_file, "http_port");
   ASSERT_GT(http_port, 0) << server.log();
   EXPECT_TRUE(absl::StartsWith(HttpGet(http_port, "/v2/health/ready"), "HTTP/1.1 200"));
   EXPECT_TRUE(absl::StartsWith(HttpGet(http_port, "/v2/health/live"), "HTTP/1.1 200"));
@@ -238,9 +168,10 @@ TEST(ServerBinaryTest, BadRepositoryFailsAtStartUpWithAMessage) {
   MmditConfig wrong = f.config;
   wrong.dim_feedforward = f.config.dim_feedforward * 2;  // disagrees with the weights
   testing::WriteModelRepository(repo, "broken", wrong, f.weights_path());
-  ServerProcess server({"--model_repository=" + repo, "--host=127.0.0.1", "--grpc_port=0",
-                        "--http_port=0"},
-                       dir + "/server.log");
+  testing::ChildProcess server(
+      ServerBinary(),
+      {"--model_repository=" + repo, "--host=127.0.0.1", "--grpc_port=0", "--http_port=0"},
+      dir + "/server.log");
   const int code = server.Wait(absl::Seconds(60));
   EXPECT_NE(code, 0);
   EXPECT_NE(code, -1) << "still running or killed by a signal: " << server.log();
