@@ -1,8 +1,7 @@
 # Fuzz targets (tests/fuzz/*_fuzzer.cc). Every build replays seeds and mutations through gtest;
-# with -DMMDIT_FUZZERS=ON and clang, each target also builds as a libFuzzer binary:
+# with -DMMDIT_FUZZERS=ON (CMakeLists.txt) and clang, each also builds as a libFuzzer binary:
 #   CC=clang CXX=clang++ cmake --preset cpu -B build-fuzz -DMMDIT_FUZZERS=ON
 #   cmake --build build-fuzz --target safetensors_fuzzer && build-fuzz/tests/safetensors_fuzzer
-option(MMDIT_FUZZERS "Build libFuzzer binaries of the fuzz targets (clang only)" OFF)
 set(fuzz_targets
   "safetensors_fuzzer\;mmdit_kernels"
   "model_config_fuzzer\;mmdit_repository")
@@ -16,8 +15,7 @@ foreach(entry ${fuzz_targets})
   mmdit_add_test(${name}_replay_test SOURCES fuzz/${name}.cc fuzz/fuzz_replay_test.cc LIBS ${lib})
   if(MMDIT_FUZZERS)
     add_executable(${name} fuzz/${name}.cc)
-    target_compile_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
-    target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
+    target_link_options(${name} PRIVATE -fsanitize=fuzzer)
     target_link_libraries(${name} PRIVATE ${lib})
   endif()
 endforeach()
