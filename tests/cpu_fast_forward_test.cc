@@ -55,72 +55,29 @@ constexpr double kFp32Tolerance = 1e-5;
 
 enum class MaskKind { kNone, kRandom, kCausal, kSparse };
 
-// A ragged batch that owns its memory; outputs start as NaN so unwritten rows show.
-struct Batch {
-  std::vector<std::vector<float>> x, y, context, x_out, context_out;
-  std::vector<std::vector<uint8_t>> masks;
-  std::vector<ForwardSample> samples;
+using Batch = testing::RandomBatch;
 
-  void Poison() {
-    for (auto& v : x_out) std::fill(v.begin(), v.end(), NAN);
-    for (auto& v : context_out) std::fill(v.begin(), v.end(), NAN);
-  }
-  std::vector<float> AllOutputs() const {
-    std::vector<float> all;
-    for (const auto& v : x_out) all.insert(all.end(), v.begin(), v.end());
-    for (const auto& v : context_out) all.insert(all.end(), v.begin(), v.end());
-    return all;
-  }
-};
-
+// The shared random ragged batch (outputs NaN), with this test's mask kinds drawn over it and
+// start_pos up to 199.
 Batch MakeBatch(int d, const std::vector<std::pair<int, int>>& lengths, MaskKind mask,
                 uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  Batch batch;
-  const size_t n = lengths.size();
-  batch.x.resize(n), batch.y.resize(n), batch.context.resize(n);
-  batch.x_out.resize(n), batch.context_out.resize(n), batch.masks.resize(n);
-  batch.samples.resize(n);
-  for (size_t b = 0; b < n; ++b) {
-    const auto [l, c] = lengths[b];
-    auto fill = [&](std::vector<float>& v, size_t count) {
-      v.resize(count);
-      for (float& e : v) e = normal(rng);
-    };
-    fill(batch.x[b], static_cast<size_t>(l) * d);
-    fill(batch.y[b], d);
-    fill(batch.context[b], static_cast<size_t>(c) * d);
-    batch.x_out[b].assign(static_cast<size_t>(l) * d, NAN);
-    batch.context_out[b].assign(static_cast<size_t>(c) * d, NAN);
+  MmditConfig config;
+  config.dim = d;
+  Batch batch = testing::MakeRandomBatch(config, lengths, mask != MaskKind::kNone, seed);
+  std::mt19937_64 rng(seed ^ 0x5eed);
+  for (size_t b = 0; b < lengths.size(); ++b) {
+    const int l = lengths[b].first;
+    batch.samples[b].start_pos = static_cast<int64_t>(rng() % 200);
+    if (mask != MaskKind::kCausal && mask != MaskKind::kSparse) continue;
     auto& m = batch.masks[b];
-    if (mask != MaskKind::kNone) {
-      m.assign(static_cast<size_t>(l) * l, 0);
-      for (int i = 0; i < l; ++i) {
-        for (int j = 0; j < l; ++j) {
-          uint8_t v = 0;
-          switch (mask) {
-            case MaskKind::kRandom: v = rng() % 10 < 7; break;
-            case MaskKind::kCausal: v = j <= i; break;
-            // Most keys invisible to every query: context queries then see few x keys.
-            case MaskKind::kSparse: v = (j % 5 == 0) && rng() % 2 == 0; break;
-            case MaskKind::kNone: break;
-          }
-          m[static_cast<size_t>(i) * l + j] = v;
-        }
-        if (mask != MaskKind::kCausal) m[static_cast<size_t>(i) * l + (i % 5 == 0 ? i : 0)] = 1;
+    for (int i = 0; i < l; ++i) {
+      for (int j = 0; j < l; ++j) {
+        // Sparse: most keys invisible to every query, so context queries see few x keys.
+        m[static_cast<size_t>(i) * l + j] =
+            mask == MaskKind::kCausal ? j <= i : (j % 5 == 0) && rng() % 2 == 0;
       }
+      if (mask == MaskKind::kSparse) m[static_cast<size_t>(i) * l + (i % 5 == 0 ? i : 0)] = 1;
     }
-    ForwardSample& s = batch.samples[b];
-    s.seq_len = l;
-    s.context_len = c;
-    s.x = batch.x[b].data();
-    s.y = batch.y[b].data();
-    s.context = batch.context[b].data();
-    s.attn_mask = mask != MaskKind::kNone ? m.data() : nullptr;
-    s.start_pos = static_cast<int64_t>(rng() % 200);
-    s.x_out = batch.x_out[b].data();
-    s.context_out = batch.context_out[b].data();
   }
   return batch;
 }

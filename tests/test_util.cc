@@ -1,5 +1,6 @@
 #include "tests/test_util.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -149,6 +150,18 @@ RandomBatch MakeRandomBatch(const MmditConfig& config,
     s.context_out = batch.context_out[b].data();
   }
   return batch;
+}
+
+void RandomBatch::Poison() {
+  for (auto& v : x_out) std::fill(v.begin(), v.end(), NAN);
+  for (auto& v : context_out) std::fill(v.begin(), v.end(), NAN);
+}
+
+std::vector<float> RandomBatch::AllOutputs() const {
+  std::vector<float> all;
+  for (const auto& v : x_out) all.insert(all.end(), v.begin(), v.end());
+  for (const auto& v : context_out) all.insert(all.end(), v.begin(), v.end());
+  return all;
 }
 
 std::string MakeTempDir(const std::string& prefix) {

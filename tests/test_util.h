@@ -44,6 +44,9 @@ struct RandomBatch {
   std::vector<std::vector<float>> x, y, context, x_out, context_out;
   std::vector<std::vector<uint8_t>> masks;
   std::vector<ForwardSample> samples;
+
+  void Poison();                            // every output back to NaN
+  std::vector<float> AllOutputs() const;    // x_out of every sample, then context_out
 };
 // `lengths` is (L, C) per sample. `masked`: random masks with every row visible somewhere.
 RandomBatch MakeRandomBatch(const MmditConfig& config,
