@@ -156,12 +156,14 @@ double CompareWithReference(const ModelWeights& w, const RandomBatch& b,
   return testing::RelativeError(got, want);
 }
 
+// The last parameter selects the kernels kept for comparison (the mma.sync row kernel and the
+// one-CTA-per-item attention) instead of the bf16 defaults on Hopper.
 class GpuRandomTest
-    : public ::testing::TestWithParam<std::tuple<RandomCase, CudaPrecision, int>> {};
+    : public ::testing::TestWithParam<std::tuple<RandomCase, CudaPrecision, int, bool>> {};
 
 TEST_P(GpuRandomTest, MatchesReference) {
   SKIP_WITHOUT_GPU();
-  const auto [c, precision, tile_rows] = GetParam();
+  const auto [c, precision, tile_rows, comparison_kernels] = GetParam();
   MmditConfig config = TargetConfig();
   config.num_layers = c.num_layers;
   const ModelWeights weights = ModelWeights::Deterministic(config, 1234 + c.num_layers);
@@ -172,14 +174,17 @@ TEST_P(GpuRandomTest, MatchesReference) {
   options.precision = precision;
   options.row_tile_rows = tile_rows;
   options.attn_tile_queries = tile_rows == 16 ? 64 : 128;
+  options.use_wgmma = !comparison_kernels;
+  options.persistent_attention = !comparison_kernels;
   absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, options);
   ASSERT_TRUE(fwd.ok()) << fwd.status();
   RandomBatch b = MakeCase(config, c, 99 + c.batch);
   ASSERT_TRUE((*fwd)->Run(b.samples).ok());
   const std::vector<int> idx = CheckedSamples(c.batch, c.checked);
   const double err = CompareWithReference(weights, b, idx);
-  std::printf("%s %s rows=%d: rel err %.3g over %zu of %d samples\n", c.name.c_str(),
-              Name(precision), tile_rows, err, idx.size(), c.batch);
+  std::printf("%s %s rows=%d%s: rel err %.3g over %zu of %d samples\n", c.name.c_str(),
+              Name(precision), tile_rows, comparison_kernels ? " (comparison kernels)" : "", err,
+              idx.size(), c.batch);
   EXPECT_LE(err, Tolerance(precision));
 
   // Deterministic: a second run on poisoned outputs gives the same bits.
@@ -201,15 +206,23 @@ const RandomCase kCases[] = {
     {"twelve_layers", 2, 186, 186, 64, 64, MaskKind::kNone, 12, 2},
 };
 
+std::string RandomName(const ::testing::TestParamInfo<GpuRandomTest::ParamType>& info) {
+  return std::get<0>(info.param).name + "_" + Name(std::get<1>(info.param)) + "_rows" +
+         std::to_string(std::get<2>(info.param)) + (std::get<3>(info.param) ? "_mma_sync" : "");
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Random, GpuRandomTest,
     ::testing::Combine(::testing::ValuesIn(kCases),
                        ::testing::Values(CudaPrecision::kBf16, CudaPrecision::kFp32Accurate),
-                       ::testing::Values(16, 64)),
-    [](const auto& info) {
-      return std::get<0>(info.param).name + "_" + Name(std::get<1>(info.param)) + "_rows" +
-             std::to_string(std::get<2>(info.param));
-    });
+                       ::testing::Values(16, 64), ::testing::Values(false)),
+    RandomName);
+
+INSTANTIATE_TEST_SUITE_P(ComparisonKernels, GpuRandomTest,
+                         ::testing::Combine(::testing::ValuesIn(kCases),
+                                            ::testing::Values(CudaPrecision::kBf16),
+                                            ::testing::Values(64), ::testing::Values(true)),
+                         RandomName);
 
 TEST(GpuForwardTest, GraphReplayMatchesRun) {
   SKIP_WITHOUT_GPU();
@@ -271,15 +284,19 @@ TEST(GpuForwardTest, UnsupportedShapeIsUnimplemented) {
             absl::StatusCode::kUnimplemented);
 }
 
-// A small case for compute-sanitizer (memcheck, racecheck): ragged, masked, both precisions.
+// A small case for compute-sanitizer (memcheck, racecheck): ragged, masked, both precisions,
+// every kernel.
 TEST(GpuForwardTest, SanitizerCase) {
   SKIP_WITHOUT_GPU();
   MmditConfig config = TargetConfig();
   config.num_layers = 1;
   const ModelWeights weights = ModelWeights::Deterministic(config, 3);
   for (CudaPrecision p : {CudaPrecision::kBf16, CudaPrecision::kFp32Accurate}) {
-    for (int rows : {16, 64}) {
+    for (int variant : {16, 64, 0}) {  // 0: 64-token tiles on the comparison kernels
+      const int rows = variant == 0 ? 64 : variant;
       CudaForwardOptions options;
+      options.use_wgmma = variant != 0;
+      options.persistent_attention = variant != 0;
       options.max_batch_size = 3;
       options.max_seq_len = 70;
       options.max_context_len = 9;

@@ -3,6 +3,9 @@
 // the call and the place. Nothing here aborts.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
+
 #include <cuda_runtime.h>
 
 #include "absl/status/status.h"
@@ -26,3 +29,21 @@ inline absl::Status CudaErrorToStatus(cudaError_t error, const char* what, const
       return ::mmdit::CudaErrorToStatus(mmdit_cuda_error_, #expr, __FILE__, __LINE__); \
     }                                                                                \
   } while (0)
+
+namespace mmdit {
+
+// Raises the dynamic shared-memory limit of the kernel `func` to `bytes`, once per device
+// (`done` holds one bit per device, a static of the caller's).
+inline absl::Status AllowDynamicSmem(const void* func, size_t bytes,
+                                     std::atomic<uint64_t>& done) {
+  int device = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  const uint64_t bit = uint64_t{1} << (device & 63);
+  if (done.load(std::memory_order_acquire) & bit) return absl::OkStatus();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(bytes)));
+  done.fetch_or(bit, std::memory_order_acq_rel);
+  return absl::OkStatus();
+}
+
+}  // namespace mmdit

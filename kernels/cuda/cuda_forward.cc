@@ -79,26 +79,33 @@ std::vector<uint8_t> PackFragments(const std::vector<float>& w, int n, int k, Pr
   return out;
 }
 
-// W [n][k] as the shared-memory images of the wgmma row kernel: one 32 KB image per 128 x 128
-// block (n-blocks outer, k-blocks inner), each [warpgroup 2][k16 step 8][n8 group 8][k8 half 2]
-// [8 rows][8 values]: 8 x 16-byte core matrices, 128 bytes apart along K and 256 along N.
-std::vector<uint8_t> PackWgmmaImages(const std::vector<float>& w, int n, int k) {
-  std::vector<uint16_t> v(static_cast<size_t>(n) * k);
-  size_t o = 0;
-  for (int nc = 0; nc < n / 128; ++nc)
-    for (int kc = 0; kc < k / 128; ++kc)
-      for (int wg = 0; wg < 2; ++wg)
-        for (int ks = 0; ks < 8; ++ks)
-          for (int j = 0; j < 8; ++j)
-            for (int h = 0; h < 2; ++h)
-              for (int r = 0; r < 8; ++r)
-                for (int kk = 0; kk < 8; ++kk) {
-                  const int row = nc * 128 + 64 * wg + 8 * j + r;
-                  const int col = kc * 128 + 16 * ks + 8 * h + kk;
-                  v[o++] = FloatToBf16(w[static_cast<size_t>(row) * k + col]);
-                }
-  std::vector<uint8_t> out(v.size() * 2);
-  std::memcpy(out.data(), v.data(), out.size());
+// Rows [n0, n0 + rows) and columns [k0, k0 + cols) of W [n][k] as a B operand image of wgmma in
+// the K-major layout without swizzle: [k16 step][8-row group][k8 half][8 rows][8 values], i.e.
+// 8 x 16-byte core matrices, 128 bytes apart along K and 256 bytes apart along N.
+void PackWgmmaB(const std::vector<float>& w, int k, int n0, int rows, int k0, int cols,
+                std::vector<uint16_t>& out) {
+  for (int ks = 0; ks < cols / 16; ++ks)
+    for (int j = 0; j < rows / 8; ++j)
+      for (int h = 0; h < 2; ++h)
+        for (int r = 0; r < 8; ++r)
+          for (int e = 0; e < 8; ++e) {
+            const int row = n0 + 8 * j + r, col = k0 + 16 * ks + 8 * h + e;
+            out.push_back(FloatToBf16(w[static_cast<size_t>(row) * k + col]));
+          }
+}
+
+// The chunks of one stream of one layer for the wgmma row kernel, in the order it uses them
+// (forward_kernels.h, kWgmmaChunkBytes): out, then per kWgmmaHidden hidden units the up rows
+// and the down columns, then q, k, v.
+std::vector<uint16_t> PackWgmmaChunks(const StreamWeights& w, int d, int f) {
+  std::vector<uint16_t> out;
+  out.reserve(static_cast<size_t>(cuda::WgmmaChunksPerLayer(f)) * cuda::kWgmmaChunkBytes / 2);
+  PackWgmmaB(w.out_w, d, 0, d, 0, d, out);
+  for (int c = 0; c < f / cuda::kWgmmaHidden; ++c) {
+    PackWgmmaB(w.mlp_up_w, d, c * cuda::kWgmmaHidden, cuda::kWgmmaHidden, 0, d, out);
+    PackWgmmaB(w.mlp_down_w, f, 0, d, c * cuda::kWgmmaHidden, cuda::kWgmmaHidden, out);
+  }
+  for (int c = 0; c < 3; ++c) PackWgmmaB(w.qkv_w, d, c * d, d, 0, d, out);
   return out;
 }
 
@@ -154,6 +161,7 @@ class CudaForwardImpl {
   const float* d_adaln_wt = nullptr;
   const float* d_adaln_b = nullptr;
   const float2* d_rope = nullptr;
+  const void* d_wgmma_images = nullptr;  // bf16, D = 128 on compute capability 9.0
 
   // Capacity.
   int max_tokens = 0, max_row_tiles = 0, max_attn_tiles = 0;
@@ -172,7 +180,7 @@ class CudaForwardImpl {
   void* d_attn = nullptr;
 
   // The staged batch.
-  int batch = 0, num_tokens = 0, num_row_tiles = 0, num_attn_tiles = 0;
+  int batch = 0, num_tokens = 0, num_row_tiles = 0, num_x_row_tiles = 0, num_attn_tiles = 0;
   int tile_rows = 64, tile_queries = 128;
   bool use_wgmma = false;
 };
@@ -188,7 +196,6 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   Blob blob;
   struct Offsets {
     size_t qkv_w, out_w, up_w, down_w, qkv_b, rms_q, rms_k, out_b, out_rms, up_b, down_b;
-    size_t qkv_wg = 0, out_wg = 0, up_wg = 0, down_wg = 0;
   };
   int cc_major = 0, cc_minor = 0;
   CUDA_RETURN_IF_ERROR(
@@ -197,7 +204,8 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
       cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, options.device));
   // wgmma is in the sm_90a code only, which runs on compute capability 9.0 alone.
   use_wgmma = options.use_wgmma && cc_major == 9 && cc_minor == 0 &&
-              precision == Precision::kBf16 && d == 128 && f % 128 == 0;
+              precision == Precision::kBf16 && d == 128 && f % cuda::kWgmmaHidden == 0;
+  std::vector<uint16_t> wgmma_images;
   std::vector<Offsets> offs(2 * n);
   std::vector<float> adaln_wt(static_cast<size_t>(2 * n) * d * 6 * d);
   std::vector<float> adaln_b(static_cast<size_t>(2 * n) * 6 * d);
@@ -215,14 +223,8 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
         v = PackFragments(w.mlp_down_w, d, f, precision);
         o.down_w = blob.Add(v.data(), v.size());
         if (use_wgmma) {
-          v = PackWgmmaImages(w.qkv_w, 3 * d, d);
-          o.qkv_wg = blob.Add(v.data(), v.size());
-          v = PackWgmmaImages(w.out_w, d, d);
-          o.out_wg = blob.Add(v.data(), v.size());
-          v = PackWgmmaImages(w.mlp_up_w, f, d);
-          o.up_wg = blob.Add(v.data(), v.size());
-          v = PackWgmmaImages(w.mlp_down_w, d, f);
-          o.down_wg = blob.Add(v.data(), v.size());
+          const std::vector<uint16_t> chunks = PackWgmmaChunks(w, d, f);
+          wgmma_images.insert(wgmma_images.end(), chunks.begin(), chunks.end());
         }
       }
       o.qkv_b = blob.AddFloats(w.qkv_b);
@@ -244,6 +246,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   const size_t off_adaln_wt = blob.AddFloats(adaln_wt);
   const size_t off_adaln_b = blob.AddFloats(adaln_b);
   const size_t off_streams = blob.Add(nullptr, sizeof(StreamWeightsDev) * 2 * n);
+  const size_t off_wgmma = blob.Add(wgmma_images.data(), wgmma_images.size() * 2);
   void* d_blob = nullptr;
   if (absl::Status s = Alloc(&d_blob, blob.bytes.size()); !s.ok()) return s;
   const uint8_t* base = static_cast<const uint8_t*>(d_blob);
@@ -254,17 +257,14 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
     streams[i] = StreamWeightsDev{base + o.qkv_w,  base + o.out_w,   base + o.up_w,
                                   base + o.down_w, fp(o.qkv_b),      fp(o.rms_q),
                                   fp(o.rms_k),     fp(o.out_b),      fp(o.out_rms),
-                                  fp(o.up_b),      fp(o.down_b),
-                                  use_wgmma ? base + o.qkv_wg : nullptr,
-                                  use_wgmma ? base + o.out_wg : nullptr,
-                                  use_wgmma ? base + o.up_wg : nullptr,
-                                  use_wgmma ? base + o.down_wg : nullptr};
+                                  fp(o.up_b),      fp(o.down_b)};
   }
   std::memcpy(blob.bytes.data() + off_streams, streams.data(),
               sizeof(StreamWeightsDev) * streams.size());
   CUDA_RETURN_IF_ERROR(cudaMemcpy(d_blob, blob.bytes.data(), blob.bytes.size(),
                                   cudaMemcpyHostToDevice));
   d_stream_weights = reinterpret_cast<const StreamWeightsDev*>(base + off_streams);
+  if (use_wgmma) d_wgmma_images = base + off_wgmma;
   d_adaln_wt = reinterpret_cast<const float*>(base + off_adaln_wt);
   d_adaln_b = reinterpret_cast<const float*>(base + off_adaln_b);
   {
@@ -403,14 +403,19 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     std::memcpy(y + static_cast<size_t>(i) * d, s.y, sizeof(float) * d);
     std::memcpy(x + static_cast<size_t>(tok) * d, s.x, sizeof(float) * L * d);
     std::memcpy(x + static_cast<size_t>(tok + L) * d, s.context, sizeof(float) * C * d);
-    for (int st = 0; st < 2; ++st) {
-      const int n = st == 0 ? L : C;
-      for (int r = 0; r < n; r += tile_rows) {
-        row_tiles[nrt++] = RowTile{i, st, r, std::min(tile_rows, n - r)};
-      }
+    for (int r = 0; r < L; r += tile_rows) {
+      row_tiles[nrt++] = RowTile{i, 0, r, std::min(tile_rows, L - r)};
     }
     for (int q = 0; q < L + C; q += tile_queries) attn_tiles[nat++] = AttnTile{i, q};
     tok += L + C;
+  }
+  // Context tiles after every x tile (the wgmma row kernel groups tiles of one stream).
+  num_x_row_tiles = nrt;
+  for (int i = 0; i < static_cast<int>(b.size()); ++i) {
+    const int C = b[i].context_len;
+    for (int r = 0; r < C; r += tile_rows) {
+      row_tiles[nrt++] = RowTile{i, 1, r, std::min(tile_rows, C - r)};
+    }
   }
   batch = static_cast<int>(b.size());
   num_tokens = tok;
@@ -458,9 +463,8 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.num_layers = n;
   rp.dim_ff = config.dim_feedforward;
   rp.rope = d_rope;
-  rp.wgmma = use_wgmma ? 1 : 0;
-  rp.wgmma_lbo = 128;  // bytes between the two core matrices of a k16 step (along K)
-  rp.wgmma_sbo = 256;  // bytes between 8-row groups (along N)
+  rp.num_x_tiles = num_x_row_tiles;
+  rp.wgmma_images = d_wgmma_images;
 
   cuda::AttentionParams tp{};
   tp.tiles = reinterpret_cast<const AttnTile*>(dev_io + off_attn_tiles);
@@ -473,6 +477,8 @@ absl::Status CudaForwardImpl::RunStaged() {
   tp.num_tiles = num_attn_tiles;
   tp.dim = d;
   tp.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(cuda::kHeadDim)));
+  tp.num_sms = num_sms;
+  const bool persistent = precision == Precision::kBf16 && options.persistent_attention;
 
   // Layer 0's q/k/v from the input, then per layer: attention, and one row kernel that finishes
   // the layer and starts the next. The input block stays untouched, so a staged batch can run
@@ -484,7 +490,10 @@ absl::Status CudaForwardImpl::RunStaged() {
   if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
   Launched("row");
   for (int l = 0; l < n; ++l) {
-    if (absl::Status s = cuda::LaunchAttention(tp, precision, tile_queries, stream); !s.ok()) {
+    if (absl::Status s = persistent
+                             ? cuda::LaunchAttentionBf16Persistent(tp, tile_queries, stream)
+                             : cuda::LaunchAttention(tp, precision, tile_queries, stream);
+        !s.ok()) {
       return s;
     }
     Launched("attention");

@@ -31,9 +31,11 @@ struct CudaForwardOptions {
   // 128 queries per attention CTA (for measurements).
   int row_tile_rows = 0;
   int attn_tile_queries = 0;
-  // bf16 with D = 128: the 64-token row kernel on warpgroup MMA (wgmma) instead of mma.sync.
-  // Correct, but slower as it stands (docs/BENCHMARKS.md: 312 vs 172 us per launch at B = 256).
-  bool use_wgmma = false;
+  // bf16 with D = 128 on compute capability 9.0: 64-token row tiles on the warpgroup-MMA row
+  // kernel (row_kernel_wgmma.cu); false: the mma.sync kernel (for comparisons).
+  bool use_wgmma = true;
+  // bf16: the persistent attention kernel (attention_bf16.cu); false: one CTA per item.
+  bool persistent_attention = true;
 };
 
 class CudaForwardImpl;

@@ -34,6 +34,16 @@ struct SampleInfo {
 // Mask bits of a masked sample at mask_off, Wl = ceil(L / 32) words per row:
 // [L][Wl] x-query x-key bits, then [Wl] row-any bits, then [Wl] column-any bits (MODEL.md step 6).
 
+// The weights of the wgmma row kernel (bf16, D = 128): for each layer and stream, the chunks it
+// streams into shared memory in the order it uses them, each kWgmmaChunkBytes: the output
+// projection, then per kWgmmaHidden hidden units of the MLP the up rows and the down columns
+// (16 KB each), then q, k and v. A chunk holds its matrices in wgmma's K-major layout without
+// swizzle (cuda_forward.cc, PackWgmmaB).
+constexpr int kWgmmaChunkBytes = 32768;
+constexpr int kWgmmaHidden = 64;
+__host__ __device__ constexpr int WgmmaChunksPerLayer(int dim_ff) { return 4 + dim_ff / kWgmmaHidden; }
+
+// Row tiles are listed x-stream tiles first, then context tiles.
 struct RowTile {
   int sample;
   int stream;  // 0: x, 1: context
@@ -60,12 +70,6 @@ struct StreamWeightsDev {
   const float* out_rms;
   const float* up_b;
   const float* down_b;
-  // bf16, D = 128 only: the same matrices as 32 KB shared-memory images, one per 128 x 128 GEMM
-  // pass, in wgmma's no-swizzle K-major layout (cuda_forward.cc, PackWgmmaImages).
-  const void* qkv_wg;
-  const void* out_wg;
-  const void* up_wg;
-  const void* down_wg;
 };
 
 // mod[b][layer][stream][6][D] = adaLN(silu(y_b)).
@@ -100,8 +104,10 @@ struct RowParams {
   int post_layer;                   // -1: none
   int qkv_layer;                    // -1: none
   const float2* rope;               // [max_seq_len][kHeadDim / 2] (cos, sin) of pos * inv_freq
-  int wgmma;                        // bf16, D = 128, 64-row tiles: warpgroup MMA kernel
-  unsigned wgmma_lbo, wgmma_sbo;    // its descriptor strides (bytes)
+  int num_x_tiles;                  // tiles [0, num_x_tiles) are x-stream tiles
+  // bf16, D = 128, 64-row tiles: the images of the wgmma row kernel ([N][2][chunks]); null:
+  // the mma.sync kernel.
+  const void* wgmma_images;
 };
 
 // Joint attention of one head over a tile of queries of one sample against all its keys.
@@ -116,6 +122,7 @@ struct AttentionParams {
   int num_tiles;
   int dim;        // D
   float scale_log2;  // Dh^-0.5 * log2(e)
+  int num_sms;    // the persistent kernel's grid is what fits on them at once
 };
 
 // Launches `kernel` with programmatic stream serialization (see LaunchDependents in mma.cuh):
@@ -140,8 +147,12 @@ cudaError_t LaunchPdl(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem
 absl::Status LaunchAdaLn(const AdaLnParams& params, cudaStream_t stream);
 absl::Status LaunchRow(const RowParams& params, Precision precision, int dim, int tile_rows,
                        cudaStream_t stream);
+absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream);
 absl::Status LaunchAttention(const AttentionParams& params, Precision precision,
                              int tile_queries, cudaStream_t stream);
+// bf16 only: the persistent kernel (attention_bf16.cu), tiles of 64 or 128 queries.
+absl::Status LaunchAttentionBf16Persistent(const AttentionParams& params, int tile_queries,
+                                           cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mmdit

@@ -8,8 +8,6 @@
 //
 // Eight warps; for each D-wide output pass every warp owns D/8 columns of all tile rows, so each
 // weight fragment is loaded once per CTA (from L2: the 14 MB of bf16 weights stay resident).
-#include <atomic>
-
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/forward_kernels.h"
 #include "kernels/cuda/mma.cuh"
@@ -442,278 +440,18 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
   }
 }
 
-// Raises the dynamic shared-memory limit of `func` once per device.
-absl::Status AllowSmem(const void* func, size_t bytes, std::atomic<uint64_t>& done) {
-  int device = 0;
-  CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  const uint64_t bit = uint64_t{1} << (device & 63);
-  if (done.load(std::memory_order_acquire) & bit) return absl::OkStatus();
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(bytes)));
-  done.fetch_or(bit, std::memory_order_acq_rel);
-  return absl::OkStatus();
-}
-
 template <Precision P, int kD, int kMT>
 absl::Status LaunchRowT(const RowParams& params, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   constexpr size_t kSmem = RowShape<P, kD, kMT>::kSmemBytes;
   const void* func = reinterpret_cast<const void*>(&RowKernel<P, kD, kMT>);
-  if (absl::Status s = AllowSmem(func, kSmem, smem_set); !s.ok()) return s;
+  if (absl::Status s = AllowDynamicSmem(func, kSmem, smem_set); !s.ok()) return s;
   CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernel<P, kD, kMT>, dim3(params.num_tiles), dim3(kThreads),
                                  kSmem, stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
 
-
-// ---- Warpgroup-MMA variant: bf16, D = 128, 64-token tiles ----
-//
-// The mma.sync kernel above spends its time feeding the tensor cores from shared memory: each
-// warp re-reads the A tile for its 16 columns (160 KB of shared-memory traffic per CTA and pass;
-// L1 63 % busy, 35 % issue utilisation at B = 256 in the profile). Here two warpgroups each
-// compute 64 rows x 64 columns of a pass with wgmma (A from registers, B from shared memory), and
-// each pass's 32 KB weight chunk is staged by cp.async one pass ahead into a double buffer.
-constexpr int kWgChunkElems = 128 * 128;  // one pass's weights: 32 KB of bf16
-
-struct RowWgShape {
-  static constexpr int kD = 128, kM = 64, kXs = kD + 4, kAs = kD + 8, kCols = 4;
-  static constexpr int kRowsPerWarp = 8;
-  static constexpr size_t kSmemBytes =
-      2 * sizeof(float) * kM * kXs + 2 * sizeof(__nv_bfloat16) * kM * kAs + 2 * 2 * kWgChunkElems;
-};
-
-__device__ __forceinline__ void StageChunk(__nv_bfloat16* dst, const __nv_bfloat16* src) {
-  const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
-  uint8_t* d = reinterpret_cast<uint8_t*>(dst);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int off = (threadIdx.x + i * kThreads) * 16;
-    CpAsync16(d + off, s + off);
-  }
-  CpAsyncCommit();
-}
-
-// d += A[64 x 128] (shared, stride kAs) x chunk^T for this warpgroup's 64 columns.
-__device__ __forceinline__ void WgPass(float (&d)[32], const __nv_bfloat16* as,
-                                       const __nv_bfloat16* bs, uint32_t lbo, uint32_t sbo) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wl = warp & 3, wg = warp >> 2;
-  uint32_t a[8][4];
-#pragma unroll
-  for (int ks = 0; ks < 8; ++ks) {
-    LdMatrixX4(a[ks], as + (16 * wl + (lane & 15)) * RowWgShape::kAs + 16 * ks + (lane >> 4) * 8);
-  }
-  FenceAcc(d);
-  WgmmaFence();
-#pragma unroll
-  for (int ks = 0; ks < 8; ++ks) {
-    WgmmaM64N64K16(d, a[ks], SmemDesc(bs + wg * (kWgChunkElems / 2) + ks * 1024, lbo, sbo));
-  }
-  WgmmaCommitAndWait();
-  FenceAcc(d);
-}
-
-__device__ __forceinline__ void ZeroAcc32(float (&d)[32]) {
-#pragma unroll
-  for (int i = 0; i < 32; ++i) d[i] = 0.0f;
-}
-
-__global__ void __launch_bounds__(kThreads, 1) RowKernelWg(const RowParams p) {
-  using S = RowWgShape;
-  using T = __nv_bfloat16;
-  constexpr int kD = S::kD, kM = S::kM, kXs = S::kXs, kAs = S::kAs, kCols = S::kCols;
-  extern __shared__ __align__(128) unsigned char smem[];
-  float* xs = reinterpret_cast<float*>(smem);
-  float* ss = xs + kM * kXs;
-  T* as = reinterpret_cast<T*>(ss + kM * kXs);
-  T* hs = as + kM * kAs;
-  T* bs = hs + kM * kAs;  // 2 x kWgChunkElems, at a 1024-byte multiple
-
-  LaunchDependents();
-  const RowTile tile = p.tiles[blockIdx.x];
-  const SampleInfo si = p.samples[tile.sample];
-  const int tok0 = si.tok_off + (tile.stream ? si.seq_len : 0) + tile.row0;
-  const int rows = tile.rows;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int wl = warp & 3, wg = warp >> 2;
-  const int col0 = lane * kCols;
-  const StreamWeightsDev* wp =
-      p.post_layer >= 0 ? &p.weights[p.post_layer * 2 + tile.stream] : nullptr;
-  const StreamWeightsDev* wq =
-      p.qkv_layer >= 0 ? &p.weights[p.qkv_layer * 2 + tile.stream] : nullptr;
-  const int num_fc = p.dim_ff / kD;
-  const int num_passes = (wp ? 1 + 2 * num_fc : 0) + (wq ? 3 : 0);
-  auto chunk = [&](int i) -> const T* {
-    if (wp != nullptr) {
-      if (i == 0) return static_cast<const T*>(wp->out_wg);
-      i -= 1;
-      if (i < 2 * num_fc) {
-        return static_cast<const T*>(i % 2 == 0 ? wp->up_wg : wp->down_wg) +
-               (size_t)(i / 2) * kWgChunkElems;
-      }
-      i -= 2 * num_fc;
-    }
-    return static_cast<const T*>(wq->qkv_wg) + (size_t)i * kWgChunkElems;
-  };
-  int pass = 0;
-  // Waits for this pass's chunk and for every warp to be done with the previous pass, then
-  // stages the next chunk into the other buffer.
-  auto begin_pass = [&]() -> const T* {
-    CpAsyncWaitAllForWgmma();
-    __syncthreads();
-    if (pass + 1 < num_passes) StageChunk(bs + ((pass + 1) & 1) * kWgChunkElems, chunk(pass + 1));
-    const T* b = bs + (pass & 1) * kWgChunkElems;
-    ++pass;
-    return b;
-  };
-  if (num_passes > 0) StageChunk(bs, chunk(0));
-  WaitForPredecessor();
-
-  for (int i = threadIdx.x; i < kM * kD / 4; i += kThreads) {
-    const int r = i / (kD / 4), c = (i % (kD / 4)) * 4;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < rows) v = *reinterpret_cast<const float4*>(p.x_src + (size_t)(tok0 + r) * kD + c);
-    *reinterpret_cast<float4*>(xs + r * kXs + c) = v;
-  }
-  const int er = 16 * wl + g;  // this thread's accumulator rows: er, er + 8
-
-  float d[32];
-  if (wp != nullptr) {
-    const float* mod =
-        p.mod + ((size_t)(tile.sample * p.num_layers + p.post_layer) * 2 + tile.stream) * 6 * kD;
-    const T* attn = static_cast<const T*>(p.attn);
-    for (int i = threadIdx.x; i < kM * kD / 8; i += kThreads) {
-      const int r = i / (kD / 8), c = (i % (kD / 8)) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (r < rows) v = *reinterpret_cast<const uint4*>(attn + (size_t)(tok0 + r) * kD + c);
-      *reinterpret_cast<uint4*>(as + r * kAs + c) = v;
-    }
-    const T* b = begin_pass();
-    ZeroAcc32(d);
-    WgPass(d, as, b, p.wgmma_lbo, p.wgmma_sbo);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int col = 64 * wg + 8 * j + 2 * t;
-      const float b0 = __ldg(wp->out_b + col), b1 = __ldg(wp->out_b + col + 1);
-      Store2(ss + er * kXs + col, d[4 * j] + b0, d[4 * j + 1] + b1);
-      Store2(ss + (er + 8) * kXs + col, d[4 * j + 2] + b0, d[4 * j + 3] + b1);
-    }
-    __syncthreads();
-    float rms_w[kCols], gate[kCols], scale1[kCols], shift[kCols];
-    LoadCols<kCols>(rms_w, wp->out_rms + col0);
-    LoadCols<kCols>(gate, mod + 2 * kD + col0);
-    LoadScale<kCols>(scale1, mod + 3 * kD + col0);
-    LoadCols<kCols>(shift, mod + 4 * kD + col0);
-    for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-      const int r = warp * S::kRowsPerWarp + rr;
-      float v[kCols], x[kCols];
-      LoadCols<kCols>(v, ss + r * kXs + col0);
-      RmsNormRow<kCols>(v, rms_w);
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) {
-        x[j] = xs[r * kXs + col0 + j] + v[j] * gate[j];
-        xs[r * kXs + col0 + j] = x[j];
-      }
-      LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
-    }
-    float d2[32];
-    ZeroAcc32(d2);
-    for (int fc = 0; fc < num_fc; ++fc) {
-      b = begin_pass();
-      ZeroAcc32(d);
-      WgPass(d, as, b, p.wgmma_lbo, p.wgmma_sbo);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int col = 64 * wg + 8 * j + 2 * t;
-        const float b0 = __ldg(wp->up_b + fc * kD + col), b1 = __ldg(wp->up_b + fc * kD + col + 1);
-        Store2(hs + er * kAs + col, Silu<Precision::kBf16>(d[4 * j] + b0),
-               Silu<Precision::kBf16>(d[4 * j + 1] + b1));
-        Store2(hs + (er + 8) * kAs + col, Silu<Precision::kBf16>(d[4 * j + 2] + b0),
-               Silu<Precision::kBf16>(d[4 * j + 3] + b1));
-      }
-      b = begin_pass();
-      WgPass(d2, hs, b, p.wgmma_lbo, p.wgmma_sbo);
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int col = 64 * wg + 8 * j + 2 * t;
-      const float b0 = __ldg(wp->down_b + col), b1 = __ldg(wp->down_b + col + 1);
-      const float g0 = mod[5 * kD + col], g1 = mod[5 * kD + col + 1];
-      float* x0 = xs + er * kXs + col;
-      float* x1 = x0 + 8 * kXs;
-      x0[0] += (d2[4 * j] + b0) * g0;
-      x0[1] += (d2[4 * j + 1] + b1) * g1;
-      x1[0] += (d2[4 * j + 2] + b0) * g0;
-      x1[1] += (d2[4 * j + 3] + b1) * g1;
-    }
-    __syncthreads();
-    if (p.x_dst != nullptr) {
-      for (int i = threadIdx.x; i < kM * kD / 4; i += kThreads) {
-        const int r = i / (kD / 4), c = (i % (kD / 4)) * 4;
-        if (r < rows) {
-          *reinterpret_cast<float4*>(p.x_dst + (size_t)(tok0 + r) * kD + c) =
-              *reinterpret_cast<const float4*>(xs + r * kXs + c);
-        }
-      }
-    }
-  } else {
-    __syncthreads();  // the row pass reads rows that other warps loaded
-  }
-
-  if (wq != nullptr) {
-    const float* mod =
-        p.mod + ((size_t)(tile.sample * p.num_layers + p.qkv_layer) * 2 + tile.stream) * 6 * kD;
-    {
-      float scale1[kCols], shift[kCols];
-      LoadScale<kCols>(scale1, mod + col0);
-      LoadCols<kCols>(shift, mod + kD + col0);
-      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-        const int r = warp * S::kRowsPerWarp + rr;
-        float x[kCols];
-        LoadCols<kCols>(x, xs + r * kXs + col0);
-        LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
-      }
-    }
-    T* const dst[3] = {static_cast<T*>(p.q), static_cast<T*>(p.k), static_cast<T*>(p.v)};
-    for (int c = 0; c < 3; ++c) {
-      const T* b = begin_pass();
-      ZeroAcc32(d);
-      WgPass(d, as, b, p.wgmma_lbo, p.wgmma_sbo);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int col = 64 * wg + 8 * j + 2 * t;
-        const float b0 = __ldg(wq->qkv_b + c * kD + col), b1 = __ldg(wq->qkv_b + c * kD + col + 1);
-        Store2(ss + er * kXs + col, d[4 * j] + b0, d[4 * j + 1] + b1);
-        Store2(ss + (er + 8) * kXs + col, d[4 * j + 2] + b0, d[4 * j + 3] + b1);
-      }
-      __syncthreads();
-      float qk_w[kCols];
-      if (c < 2) LoadCols<kCols>(qk_w, (c == 0 ? wq->rms_q : wq->rms_k) + col0);
-      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-        const int r = warp * S::kRowsPerWarp + rr;
-        if (r >= rows) break;  // warp-uniform
-        float v[kCols];
-        LoadCols<kCols>(v, ss + r * kXs + col0);
-        if (c < 2) {
-          RmsNormRow<kCols>(v, qk_w);
-          if (tile.stream == 0) RopeRow<kCols>(v, p.rope, si.start_pos + tile.row0 + r, col0);
-        }
-        StoreRow<T, kCols>(dst[c] + (size_t)(tok0 + r) * kD + col0, v);
-      }
-    }
-  }
-}
-
-absl::Status LaunchRowWg(const RowParams& params, cudaStream_t stream) {
-  static std::atomic<uint64_t> smem_set{0};
-  constexpr size_t kSmem = RowWgShape::kSmemBytes;
-  const void* func = reinterpret_cast<const void*>(&RowKernelWg);
-  if (absl::Status s = AllowSmem(func, kSmem, smem_set); !s.ok()) return s;
-  CUDA_RETURN_IF_ERROR(
-      LaunchPdl(RowKernelWg, dim3(params.num_tiles), dim3(kThreads), kSmem, stream, params));
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return absl::OkStatus();
-}
 
 }  // namespace
 
@@ -722,7 +460,7 @@ absl::Status LaunchRow(const RowParams& params, Precision precision, int dim, in
   if (params.num_tiles == 0) return absl::OkStatus();
   const bool bf16 = precision == Precision::kBf16;
   if (dim == 128 && tile_rows == 64) {
-    if (bf16 && params.wgmma) return LaunchRowWg(params, stream);
+    if (bf16 && params.wgmma_images != nullptr) return LaunchRowWgmma(params, stream);
     return bf16 ? LaunchRowT<Precision::kBf16, 128, 4>(params, stream)
                 : LaunchRowT<Precision::kFp32, 128, 4>(params, stream);
   }

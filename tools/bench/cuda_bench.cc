@@ -165,6 +165,11 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (const char* v = std::getenv("MMDIT_BENCH_ATTN_TILE_QUERIES")) {
         fo.attn_tile_queries = std::atoi(v);
       }
+      // 0 selects the kernels kept for comparison (CudaForwardOptions).
+      if (const char* v = std::getenv("MMDIT_BENCH_WGMMA")) fo.use_wgmma = std::atoi(v) != 0;
+      if (const char* v = std::getenv("MMDIT_BENCH_PERSISTENT_ATTENTION")) {
+        fo.persistent_attention = std::atoi(v) != 0;
+      }
       absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, fo);
       if (!fwd.ok()) return fwd.status();
       CudaForward& f = **fwd;

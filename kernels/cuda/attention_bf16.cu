@@ -1,0 +1,299 @@
+// Joint attention, bf16, as a persistent kernel: the grid is as many CTAs as fit on the device
+// at once, and each CTA walks a contiguous range of work items (a tile of queries of one sample,
+// one head) while the next item's keys and values stream into the other half of a double buffer
+// (cp.async). The one-item-per-CTA kernel (attention_kernel.cu) spent most of its time in each
+// CTA's serial start: the tile and sample lookups, the Q loads and the K/V staging before the
+// first MMA (96 us per layer at B = 256 against ~20 us of issued instructions, docs/BENCHMARKS.md).
+//
+// Per item: each warp owns 16 queries and streams every key of the sample (x keys, then context
+// keys) through shared memory in stages of 256, in 64-key score blocks held in registers, with
+// an online softmax in exp2 (scale folded in). K and V are staged row-major as they are in
+// global memory; ldmatrix gives the B fragments of Q K^T and, transposed, of P V.
+#include <atomic>
+
+#include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/forward_kernels.h"
+#include "kernels/cuda/mma.cuh"
+
+namespace mmdit {
+namespace cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kStageKeys = 256;
+constexpr int kKeyBlock = 64;
+constexpr int kRowStride = 24;  // bf16 per staged row: 48 bytes, conflict-free for ldmatrix
+
+struct StageBuffers {
+  bf16 k[2][kStageKeys * kRowStride];
+  bf16 v[2][kStageKeys * kRowStride];
+};
+
+// One work item, decoded.
+struct Item {
+  int head;
+  int q0;        // first joint query row
+  int tok_off;   // the sample's first token row
+  int seq_len;   // L
+  int num_keys;  // L + C
+  int mask_off;
+};
+
+__device__ __forceinline__ Item DecodeItem(const AttentionParams& p, int index) {
+  const AttnTile tile = p.tiles[index % p.num_tiles];
+  const SampleInfo si = p.samples[tile.sample];
+  return Item{index / p.num_tiles, tile.q0, si.tok_off, si.seq_len, si.seq_len + si.ctx_len,
+              si.mask_off};
+}
+
+// 16 bytes global -> shared; past the last key, zeros (nothing is read).
+__device__ __forceinline__ void CpAsync16OrZero(void* smem, const void* gmem, bool valid) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void CpAsyncWaitPrior() {
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Keys [st * kStageKeys, +kStageKeys) of the item's head: K and V rows of 16 values.
+template <int kThreads>
+__device__ __forceinline__ void StageKeys(const AttentionParams& p, const Item& it, int st,
+                                          bf16* ks, bf16* vs) {
+  const int key0 = st * kStageKeys;
+  const bf16* k = static_cast<const bf16*>(p.k) + (size_t)it.tok_off * p.dim + it.head * kHeadDim;
+  const bf16* v = static_cast<const bf16*>(p.v) + (size_t)it.tok_off * p.dim + it.head * kHeadDim;
+#pragma unroll
+  for (int i = threadIdx.x; i < 2 * kStageKeys; i += kThreads) {
+    const int j = i >> 1, h = (i & 1) * 8;
+    const bool valid = key0 + j < it.num_keys;
+    const size_t src = (size_t)(valid ? key0 + j : 0) * p.dim + h;
+    CpAsync16OrZero(ks + j * kRowStride + h, k + src, valid);
+    CpAsync16OrZero(vs + j * kRowStride + h, v + src, valid);
+  }
+}
+
+// A fragment of the warp's 16 queries (rows clamped to the sample).
+__device__ __forceinline__ void LoadQuery(const AttentionParams& p, const Item& it, int warp,
+                                          uint32_t (&qa)[4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int r0 = min(it.q0 + warp * 16 + g, it.num_keys - 1);
+  const int r1 = min(it.q0 + warp * 16 + g + 8, it.num_keys - 1);
+  const bf16* q = static_cast<const bf16*>(p.q) + (size_t)it.tok_off * p.dim + it.head * kHeadDim;
+  qa[0] = *reinterpret_cast<const uint32_t*>(q + (size_t)r0 * p.dim + 2 * t);
+  qa[1] = *reinterpret_cast<const uint32_t*>(q + (size_t)r1 * p.dim + 2 * t);
+  qa[2] = *reinterpret_cast<const uint32_t*>(q + (size_t)r0 * p.dim + 2 * t + 8);
+  qa[3] = *reinterpret_cast<const uint32_t*>(q + (size_t)r1 * p.dim + 2 * t + 8);
+}
+
+template <int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 24 / kWarps)
+    AttentionBf16Kernel(const AttentionParams p) {
+  constexpr int kThreads = kWarps * 32;
+  __shared__ __align__(128) StageBuffers sb;
+  LaunchDependents();
+  const int num_items = p.num_tiles * (p.dim / kHeadDim);
+  const int begin = (int)((int64_t)blockIdx.x * num_items / gridDim.x);
+  const int end = (int)((int64_t)(blockIdx.x + 1) * num_items / gridDim.x);
+  if (begin >= end) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // ldmatrix row addresses of this lane within a 16-key group: K (keys x dims, not transposed)
+  // and V (transposed), see the fragment layouts in mma.cuh.
+  const int k_row = ((lane >> 4) << 3) + (lane & 7), k_col = ((lane >> 3) & 1) << 3;
+  const int v_row = (((lane >> 3) & 1) << 3) + (lane & 7), v_col = (lane >> 4) << 3;
+
+  int index = begin, st = 0, buf = 0;
+  Item it = DecodeItem(p, index);
+  WaitForPredecessor();
+  StageKeys<kThreads>(p, it, 0, sb.k[0], sb.v[0]);
+  CpAsyncCommit();
+  uint32_t qa[4];
+  LoadQuery(p, it, warp, qa);
+
+  float m0 = -INFINITY, m1 = -INFINITY;
+  float o[2][4] = {};
+  float osum[4] = {};  // row sums of P: rows g (0, 1) and g + 8 (2, 3)
+  while (true) {
+    // The next step: the next stage of this item, or the first of the next item.
+    int next_index = index, next_st = st + 1;
+    if (next_st * kStageKeys >= it.num_keys) {
+      next_index = index + 1;
+      next_st = 0;
+    }
+    const bool has_next = next_index < end;
+    Item next = it;
+    if (has_next) {
+      if (next_index != index) next = DecodeItem(p, next_index);
+      StageKeys<kThreads>(p, next, next_st, sb.k[buf ^ 1], sb.v[buf ^ 1]);
+    }
+    CpAsyncCommit();
+    CpAsyncWaitPrior();
+    __syncthreads();
+
+    const int r0 = it.q0 + warp * 16 + g, r1 = r0 + 8;
+    const bool active = it.q0 + warp * 16 < it.num_keys;  // warp-uniform
+    const int rr0 = min(r0, it.num_keys - 1), rr1 = min(r1, it.num_keys - 1);
+    const uint32_t* mask = it.mask_off >= 0 ? p.mask_bits + it.mask_off : nullptr;
+    const bf16* ks = sb.k[buf];
+    const bf16* vs = sb.v[buf];
+    const int kstage = st * kStageKeys;
+    if (active) {
+      for (int kb = kstage; kb < min(it.num_keys, kstage + kStageKeys); kb += kKeyBlock) {
+        const int kl = kb - kstage;
+        float s[8][4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          uint32_t kf[4];
+          LdMatrixX4(kf, ks + (kl + 16 * u + k_row) * kRowStride + k_col);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) MmaBf16Zero(s[2 * u + h], qa, kf[2 * h], kf[2 * h + 1]);
+        }
+        if (mask != nullptr) {
+          const uint64_t vis0 = VisibleWord(mask, it.seq_len, it.num_keys, rr0, kb) |
+                                (uint64_t)VisibleWord(mask, it.seq_len, it.num_keys, rr0, kb + 32)
+                                    << 32;
+          const uint64_t vis1 = VisibleWord(mask, it.seq_len, it.num_keys, rr1, kb) |
+                                (uint64_t)VisibleWord(mask, it.seq_len, it.num_keys, rr1, kb + 32)
+                                    << 32;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = 8 * j + 2 * t + e;
+              if (!((vis0 >> col) & 1u)) s[j][e] = -INFINITY;
+              if (!((vis1 >> col) & 1u)) s[j][2 + e] = -INFINITY;
+            }
+          }
+        } else if (kb + kKeyBlock > it.num_keys) {
+          // Without a mask only the keys past the sample's last are hidden: whole 8-key tiles
+          // are tested first (a warp-uniform branch), single keys only in the tile that straddles.
+          const int lim = it.num_keys - kb;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (8 * j + 8 > lim) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                if (8 * j + 2 * t + e >= lim) s[j][e] = s[j][2 + e] = -INFINITY;
+              }
+            }
+          }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+          mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+        }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float b0 = mn0 == -INFINITY ? 0.0f : mn0 * p.scale_log2;
+        const float b1 = mn1 == -INFINITY ? 0.0f : mn1 * p.scale_log2;
+        const float al0 = Exp2(m0 * p.scale_log2 - b0), al1 = Exp2(m1 * p.scale_log2 - b1);
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          o[n][0] *= al0;
+          o[n][1] *= al0;
+          o[n][2] *= al1;
+          o[n][3] *= al1;
+        }
+        osum[0] *= al0;
+        osum[1] *= al0;
+        osum[2] *= al1;
+        osum[3] *= al1;
+        // Exponentials two at a time in bf16: the packed result is P's A operand. Row sums come
+        // from the tensor cores as P times a column of ones.
+        constexpr uint32_t kOnes = 0x3f803f80u;  // bf16x2 (1, 1)
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          uint32_t a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int j = 2 * u + h;
+            a[2 * h] = Exp2Bf16x2(PackBf16(fmaf(s[j][0], p.scale_log2, -b0),
+                                           fmaf(s[j][1], p.scale_log2, -b0)));
+            a[2 * h + 1] = Exp2Bf16x2(PackBf16(fmaf(s[j][2], p.scale_log2, -b1),
+                                               fmaf(s[j][3], p.scale_log2, -b1)));
+          }
+          uint32_t vf[4];
+          LdMatrixX4Trans(vf, vs + (kl + 16 * u + v_row) * kRowStride + v_col);
+          MmaBf16(o[0], a, vf[0], vf[1]);
+          MmaBf16(o[1], a, vf[2], vf[3]);
+          MmaBf16(osum, a, kOnes, kOnes);
+        }
+      }
+    }
+
+    const bool last_stage = next_index != index || !has_next;
+    if (last_stage) {
+      if (active) {
+        const float inv0 = 1.0f / osum[0], inv1 = 1.0f / osum[2];
+        bf16* out = static_cast<bf16*>(p.out) + (size_t)it.tok_off * p.dim + it.head * kHeadDim;
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const int col = 8 * n + 2 * t;
+          if (r0 < it.num_keys) Store2(out + (size_t)r0 * p.dim + col, o[n][0] * inv0, o[n][1] * inv0);
+          if (r1 < it.num_keys) Store2(out + (size_t)r1 * p.dim + col, o[n][2] * inv1, o[n][3] * inv1);
+        }
+      }
+      if (has_next) LoadQuery(p, next, warp, qa);
+      m0 = m1 = -INFINITY;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[0][e] = o[1][e] = osum[e] = 0.0f;
+    }
+    if (!has_next) break;
+    __syncthreads();  // every warp is done with `buf` before it is refilled
+    index = next_index;
+    st = next_st;
+    it = next;
+    buf ^= 1;
+  }
+}
+
+template <int kWarps>
+absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream) {
+  static std::atomic<int> ctas_per_sm{0};
+  int per_sm = ctas_per_sm.load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, AttentionBf16Kernel<kWarps>, kWarps * 32, 0));
+    per_sm = max(per_sm, 1);
+    ctas_per_sm.store(per_sm, std::memory_order_relaxed);
+  }
+  const int items = params.num_tiles * (params.dim / kHeadDim);
+  const int grid = min(items, per_sm * params.num_sms);
+  CUDA_RETURN_IF_ERROR(
+      LaunchPdl(AttentionBf16Kernel<kWarps>, dim3(grid), dim3(kWarps * 32), 0, stream, params));
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status LaunchAttentionBf16Persistent(const AttentionParams& params, int tile_queries,
+                                           cudaStream_t stream) {
+  if (params.num_tiles == 0) return absl::OkStatus();
+  if (tile_queries == 128) return LaunchPersistent<8>(params, stream);
+  if (tile_queries == 64) return LaunchPersistent<4>(params, stream);
+  return absl::UnimplementedError(
+      absl::StrCat("attention tiles of ", tile_queries, " queries; supported: 64, 128"));
+}
+
+}  // namespace cuda
+}  // namespace mmdit

@@ -1,0 +1,519 @@
+// The row kernel on warpgroup MMA (wgmma): bf16, D = 128, 64-token tiles, the large batches.
+// It computes what the mma.sync row kernel (row_kernel.cu) computes, organised around the three
+// costs that bound that kernel at B = 256 (docs/BENCHMARKS.md): every warp re-read the whole A
+// tile from shared memory for each GEMM pass, every 64-token CTA re-read each weight from L2, and
+// the row-wise norms went through shared memory between CTA-wide barriers. Here:
+// - a CTA is three warpgroups, each owning one 64-token tile of the same stream, and the layer's
+//   weights stream through a 3-deep ring of 32 KB chunks in shared memory (the bulk copy engine,
+//   completing on an mbarrier), so each weight read from L2 serves 192 tokens;
+// - a warpgroup computes whole 128-column rows (m64n128), so RMSNorm and LayerNorm reduce over
+//   the four lanes of a quad in registers, and the accumulator of one GEMM, normalised, is the
+//   A operand (registers) of the next: the m16n8 accumulator layout of two adjacent n8 tiles is
+//   the A fragment of one k16 step;
+// - after the start there is no CTA-wide barrier: each warp counts itself out of a ring slot
+//   once its wgmma reads are done, and the last warp out refills the slot.
+#include <atomic>
+#include <type_traits>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/forward_kernels.h"
+#include "kernels/cuda/mma.cuh"
+
+namespace mmdit {
+namespace cuda {
+namespace {
+
+constexpr int kD = 128;
+constexpr int kTileRows = 64;
+constexpr int kWarpgroups = 3;
+constexpr int kThreads = 128 * kWarpgroups;
+constexpr int kStages = 3;
+constexpr float kLayerNormEps = 1e-6f;
+constexpr float kRmsNormEps = 1.1920929e-07f;
+// Bytes of one k16 step of a B image: N rows x 16 values.
+constexpr int kStepBytesN128 = 128 * 16 * 2;
+constexpr int kStepBytesN64 = 64 * 16 * 2;
+
+// Shared memory: the weight ring, each warpgroup's residual tile (fp32, in accumulator order:
+// every thread reads back only what it wrote), the ring's mbarriers and release counters, then
+// the per-column vectors the epilogues read (global loads there were half of all stalls).
+constexpr size_t kRingOffset = 0;
+constexpr size_t kResidOffset = kRingOffset + size_t{kStages} * kWgmmaChunkBytes;
+constexpr size_t kResidBytes = sizeof(float) * kTileRows * kD;
+constexpr size_t kFullOffset = kResidOffset + kWarpgroups * kResidBytes;
+constexpr size_t kReleasedOffset = kFullOffset + sizeof(uint64_t) * kStages;
+constexpr size_t kVectorsOffset = kReleasedOffset + 16;
+// Vectors of the layer's weights (the CTA's stream): out_b, out_rms, down_b, qkv_b (3D), rms_q,
+// rms_k, then up_b (F).
+constexpr int kOutB = 0, kOutRms = kD, kDownB = 2 * kD, kQkvB = 3 * kD, kRmsQ = 6 * kD,
+              kRmsK = 7 * kD, kUpB = 8 * kD;
+// Modulation of each warpgroup's sample: gate_attn, 1 + scale_mlp, shift_mlp, gate_mlp of
+// post_layer, then 1 + scale_attn, shift_attn of qkv_layer.
+constexpr int kGateAttn = 0, kScaleMlp = kD, kShiftMlp = 2 * kD, kGateMlp = 3 * kD,
+              kScaleAttn = 4 * kD, kShiftAttn = 5 * kD, kModFloats = 6 * kD;
+// The largest F the shared memory holds the vectors of.
+constexpr int kMaxDimFF = 2048;
+size_t SmemBytes(int dim_ff) {
+  return kVectorsOffset + sizeof(float) * (kUpB + dim_ff + kWarpgroups * kModFloats);
+}
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void MbarrierInit(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count)
+               : "memory");
+}
+
+// Makes the initialised mbarriers visible to the bulk copy engine.
+__device__ __forceinline__ void FenceMbarrierInit() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void MbarrierWait(uint64_t* bar, unsigned parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(SmemAddr(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
+// One bulk copy global -> shared that completes the current phase of `bar`.
+__device__ __forceinline__ void BulkLoad(void* dst, const void* src, unsigned bytes,
+                                         uint64_t* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(SmemAddr(dst)),
+      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ float2 Ldg2(const float* p) {
+  return __ldg(reinterpret_cast<const float2*>(p));
+}
+
+// Columns 8j + 2t, 8j + 2t + 1 of a vector in shared memory.
+__device__ __forceinline__ float2 Cols(const float* v, int j, int t) {
+  return *reinterpret_cast<const float2*>(v + 8 * j + 2 * t);
+}
+
+// 8 bytes global -> shared, or zeros.
+__device__ __forceinline__ void CpAsync8OrZero(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(SmemAddr(smem)),
+               "l"(gmem), "r"(valid ? 8 : 0)
+               : "memory");
+}
+
+// In the epilogue loops over the 16 column tiles: keeps the compiler from hoisting every
+// shared-memory load of the loop ahead of the arithmetic, which needs 64 more registers than
+// the kernel has (168 at three warpgroups per SM) and spills.
+__device__ __forceinline__ void LimitHoisting(int j) {
+  if ((j & 3) == 3) asm volatile("" ::: "memory");
+}
+
+__device__ __forceinline__ float QuadSum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+
+// silu(v) = v * sigmoid(v) = 0.5 v (1 + tanh(v / 2)): one MUFU op instead of two (exp and
+// reciprocal); tanh.approx's error (~2^-11) is below the bf16 rounding that follows.
+__device__ __forceinline__ float SiluFast(float v) {
+  float th;
+  asm("tanh.approx.f32 %0, %1;\n" : "=f"(th) : "f"(0.5f * v));
+  return 0.5f * v * (1.0f + th);
+}
+
+// The element of accumulator d[4j + e] is column 8j + 2t + (e & 1) of row r0 (e < 2) or r1.
+// The ks-th k16 step of an A operand holds columns 16ks..16ks+15: tiles j = 2ks (a[0], a[1]) and
+// 2ks + 1 (a[2], a[3]).
+
+// a = bf16(LN(v) * scale1 + shift), per row over its 128 columns (scale1 = 1 + scale).
+// One pass for mean and variance: in fp32 over 128 values of a residual stream it loses nothing
+// that bf16 operands keep.
+__device__ __forceinline__ void LayerNormToA(const float (&v)[64], const float* scale1,
+                                             const float* shift, int t, uint32_t (&a)[8][4]) {
+  float s0 = 0.0f, s1 = 0.0f, q0 = 0.0f, q1 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    s0 += v[4 * j] + v[4 * j + 1];
+    s1 += v[4 * j + 2] + v[4 * j + 3];
+    q0 = fmaf(v[4 * j], v[4 * j], fmaf(v[4 * j + 1], v[4 * j + 1], q0));
+    q1 = fmaf(v[4 * j + 2], v[4 * j + 2], fmaf(v[4 * j + 3], v[4 * j + 3], q1));
+  }
+  const float m0 = QuadSum(s0) * (1.0f / kD), m1 = QuadSum(s1) * (1.0f / kD);
+  const float rs0 = rsqrtf(fmaxf(QuadSum(q0) * (1.0f / kD) - m0 * m0, 0.0f) + kLayerNormEps);
+  const float rs1 = rsqrtf(fmaxf(QuadSum(q1) * (1.0f / kD) - m1 * m1, 0.0f) + kLayerNormEps);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const float2 sc = Cols(scale1, j, t), sh = Cols(shift, j, t);
+    // (v - m) * rs * sc + sh = v * c + (sh - m * c), c = rs * sc
+    const float c00 = rs0 * sc.x, c01 = rs0 * sc.y, c10 = rs1 * sc.x, c11 = rs1 * sc.y;
+    a[j / 2][2 * (j & 1)] = PackBf16(fmaf(v[4 * j], c00, fmaf(-m0, c00, sh.x)),
+                                     fmaf(v[4 * j + 1], c01, fmaf(-m0, c01, sh.y)));
+    a[j / 2][2 * (j & 1) + 1] = PackBf16(fmaf(v[4 * j + 2], c10, fmaf(-m1, c10, sh.x)),
+                                         fmaf(v[4 * j + 3], c11, fmaf(-m1, c11, sh.y)));
+    LimitHoisting(j);
+  }
+}
+
+// v = (v + bias) * rsqrt(mean((v + bias)^2) + eps) * w, per row.
+__device__ __forceinline__ void BiasRmsNorm(float (&v)[64], const float* bias, const float* w,
+                                            int t) {
+  float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const float2 b = Cols(bias, j, t);
+    v[4 * j] += b.x;
+    v[4 * j + 1] += b.y;
+    v[4 * j + 2] += b.x;
+    v[4 * j + 3] += b.y;
+    s0 = fmaf(v[4 * j], v[4 * j], fmaf(v[4 * j + 1], v[4 * j + 1], s0));
+    s1 = fmaf(v[4 * j + 2], v[4 * j + 2], fmaf(v[4 * j + 3], v[4 * j + 3], s1));
+    LimitHoisting(j);
+  }
+  const float r0 = rsqrtf(QuadSum(s0) * (1.0f / kD) + kRmsNormEps);
+  const float r1 = rsqrtf(QuadSum(s1) * (1.0f / kD) + kRmsNormEps);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const float2 ww = Cols(w, j, t);
+    v[4 * j] *= r0 * ww.x;
+    v[4 * j + 1] *= r0 * ww.y;
+    v[4 * j + 2] *= r1 * ww.x;
+    v[4 * j + 3] *= r1 * ww.y;
+    LimitHoisting(j);
+  }
+}
+
+// d (+)= A x B for a 64-row tile: kSteps k16 steps, B images of kStepBytes per step.
+template <int kN, int kSteps>
+__device__ __forceinline__ void IssueGemm(float (&d)[kN / 2], const uint32_t (&a)[kSteps][4],
+                                          const uint8_t* b, bool accumulate) {
+  constexpr int kStepBytes = kN == 128 ? kStepBytesN128 : kStepBytesN64;
+#pragma unroll
+  for (int ks = 0; ks < kSteps; ++ks) {
+    // K-major without swizzle: core matrices 128 bytes apart along K, 8-row groups 256 apart.
+    const uint64_t desc = SmemDesc(b + ks * kStepBytes, 128, 256);
+    if constexpr (kN == 128) {
+      WgmmaM64N128K16(d, a[ks], desc, (accumulate || ks > 0) ? 1 : 0);
+    } else {
+      WgmmaM64N64K16(d, a[ks], desc, (accumulate || ks > 0) ? 1 : 0);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  uint8_t* ring = smem + kRingOffset;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kFullOffset);
+  unsigned* released = reinterpret_cast<unsigned*>(smem + kReleasedOffset);
+  float* vec = reinterpret_cast<float*>(smem + kVectorsOffset);
+
+  LaunchDependents();
+  const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
+  const int warp = tid >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // Three consecutive tiles of one stream per CTA; x-stream tiles come first in the list.
+  const int x_ctas = (p.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
+  const int stream = static_cast<int>(blockIdx.x) >= x_ctas ? 1 : 0;
+  const int first = stream ? p.num_x_tiles + (blockIdx.x - x_ctas) * kWarpgroups
+                           : blockIdx.x * kWarpgroups;
+  const int active = min(kWarpgroups, (stream ? p.num_tiles : p.num_x_tiles) - first);
+  const bool has_post = p.post_layer >= 0, has_qkv = p.qkv_layer >= 0;
+
+  // The chunks of this launch: [out, mlp...] of post_layer, then [q, k, v] of qkv_layer.
+  const int num_mlp = p.dim_ff / kWgmmaHidden;
+  const int per_layer = WgmmaChunksPerLayer(p.dim_ff);
+  const int pos0 = has_post ? 0 : 1 + num_mlp;
+  const int num_chunks = (has_qkv ? per_layer : 1 + num_mlp) - pos0;
+  auto chunk_src = [&](int i) {
+    const int pos = pos0 + i;
+    const int layer = pos < 1 + num_mlp ? p.post_layer : p.qkv_layer;
+    return static_cast<const uint8_t*>(p.wgmma_images) +
+           ((size_t)(layer * 2 + stream) * per_layer + pos) * kWgmmaChunkBytes;
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      MbarrierInit(&full[s], 1);
+      released[s] = 0;
+    }
+    FenceMbarrierInit();
+    // Weights are read-only: their first chunks load while the previous kernel finishes.
+    for (int i = 0; i < min(kStages, num_chunks); ++i) {
+      BulkLoad(ring + i * kWgmmaChunkBytes, chunk_src(i), kWgmmaChunkBytes, &full[i]);
+    }
+  }
+  // The weights' vectors, also before the wait.
+  {
+    const StreamWeightsDev* wp = has_post ? &p.weights[p.post_layer * 2 + stream] : nullptr;
+    const StreamWeightsDev* wq = has_qkv ? &p.weights[p.qkv_layer * 2 + stream] : nullptr;
+    for (int i = threadIdx.x; i < kUpB + p.dim_ff; i += kThreads) {
+      float v = 0.0f;
+      if (i >= kUpB) {
+        if (wp) v = wp->up_b[i - kUpB];
+      } else if (i < kQkvB) {
+        const float* src = i < kOutRms ? wp->out_b : i < kDownB ? wp->out_rms : wp->down_b;
+        if (wp) v = src[i % kD];
+      } else if (wq) {
+        v = i < kRmsQ ? wq->qkv_b[i - kQkvB] : i < kRmsK ? wq->rms_q[i - kRmsQ] : wq->rms_k[i - kRmsK];
+      }
+      vec[i] = v;
+    }
+  }
+
+  const RowTile tile = p.tiles[first + min(wg, active - 1)];
+  const SampleInfo si = p.samples[tile.sample];
+  const int tok0 = si.tok_off + (stream ? si.seq_len : 0) + tile.row0;
+  const int r0 = 16 * warp + g, r1 = r0 + 8;
+  const bool ok0 = r0 < tile.rows, ok1 = r1 < tile.rows;
+  const size_t off0 = (size_t)(tok0 + (ok0 ? r0 : 0)) * kD;
+  const size_t off1 = (size_t)(tok0 + (ok1 ? r1 : 0)) * kD;
+  float2* resid = reinterpret_cast<float2*>(smem + kResidOffset + wg * kResidBytes) + tid;
+  float* mod = vec + kUpB + p.dim_ff + wg * kModFloats;
+  WaitForPredecessor();
+  if (wg < active) {
+    // This warpgroup's modulation vectors, and its residual rows (cp.async, consumed after the
+    // first GEMM).
+    const size_t per_sample = (size_t)p.num_layers * 2 * 6 * kD;
+    const float* mp = p.mod + tile.sample * per_sample + ((size_t)p.post_layer * 2 + stream) * 6 * kD;
+    const float* mq = p.mod + tile.sample * per_sample + ((size_t)p.qkv_layer * 2 + stream) * 6 * kD;
+    for (int i = tid; i < kD; i += 128) {
+      if (has_post) {
+        mod[kGateAttn + i] = mp[2 * kD + i];
+        mod[kScaleMlp + i] = 1.0f + mp[3 * kD + i];
+        mod[kShiftMlp + i] = mp[4 * kD + i];
+        mod[kGateMlp + i] = mp[5 * kD + i];
+      }
+      if (has_qkv) {
+        mod[kScaleAttn + i] = 1.0f + mq[i];
+        mod[kShiftAttn + i] = mq[kD + i];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int col = 8 * j + 2 * t;
+      CpAsync8OrZero(resid + (2 * j) * 128, p.x_src + off0 + col, ok0);
+      CpAsync8OrZero(resid + (2 * j + 1) * 128, p.x_src + off1 + col, ok1);
+    }
+    CpAsyncCommit();
+  }
+  __syncthreads();
+  if (wg >= active) return;
+
+  const unsigned warps_out = 4u * active;
+  auto acquire = [&](int i) {
+    MbarrierWait(&full[i % kStages], (i / kStages) & 1);
+    return static_cast<const uint8_t*>(ring + (i % kStages) * kWgmmaChunkBytes);
+  };
+  // Called by every warp once its wgmma reads of chunk i are complete.
+  auto release = [&](int i) {
+    __syncwarp();
+    if (lane == 0) {
+      const int s = i % kStages;
+      const unsigned target = static_cast<unsigned>(i / kStages + 1) * warps_out;
+      __threadfence_block();
+      if (atomicAdd(&released[s], 1u) + 1 == target && i + kStages < num_chunks) {
+        __threadfence_block();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        BulkLoad(ring + s * kWgmmaChunkBytes, chunk_src(i + kStages), kWgmmaChunkBytes, &full[s]);
+      }
+    }
+  };
+
+  float acc[64];     // GEMM accumulator; between GEMMs the residual rows
+  uint32_t a[8][4];  // A operand, K = 128
+  int chunk = 0;
+  if (has_post) {
+    // Attention output rows straight into A fragments.
+    {
+      const uint32_t* at = static_cast<const uint32_t*>(p.attn);  // bf16 pairs
+#pragma unroll
+      for (int ks = 0; ks < 8; ++ks) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int col = 16 * ks + 8 * h + 2 * t;
+          a[ks][2 * h] = ok0 ? __ldg(at + (off0 + col) / 2) : 0u;
+          a[ks][2 * h + 1] = ok1 ? __ldg(at + (off1 + col) / 2) : 0u;
+        }
+      }
+    }
+    {
+      const uint8_t* b = acquire(chunk);
+      WgmmaFence();
+      IssueGemm<128, 8>(acc, a, b, false);
+      WgmmaCommit();
+      WgmmaWaitAll();
+      FenceRegs(acc);
+      FenceRegs(a);
+      release(chunk++);
+    }
+    // Output projection + RMSNorm, gated residual (kept in shared memory for the MLP's).
+    BiasRmsNorm(acc, vec + kOutB, vec + kOutRms, t);
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float2 gate = Cols(mod + kGateAttn, j, t);
+      const float2 x0 = resid[(2 * j) * 128], x1 = resid[(2 * j + 1) * 128];
+      acc[4 * j] = fmaf(acc[4 * j], gate.x, x0.x);
+      acc[4 * j + 1] = fmaf(acc[4 * j + 1], gate.y, x0.y);
+      acc[4 * j + 2] = fmaf(acc[4 * j + 2], gate.x, x1.x);
+      acc[4 * j + 3] = fmaf(acc[4 * j + 3], gate.y, x1.y);
+      resid[(2 * j) * 128] = make_float2(acc[4 * j], acc[4 * j + 1]);
+      resid[(2 * j + 1) * 128] = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+      LimitHoisting(j);
+    }
+    LayerNormToA(acc, mod + kScaleMlp, mod + kShiftMlp, t, a);
+
+    // MLP, kWgmmaHidden hidden units per chunk: up (N = 64) -> SiLU -> A operand -> down
+    // (K = 64) accumulated into acc. (Queueing down(c) with up(c + 1) keeps both operands live:
+    // 20 bytes of spills, and 129 against 122 us per launch at B = 256.)
+    for (int c = 0; c < num_mlp; ++c) {
+      const uint8_t* b = acquire(chunk);
+      float hid[32];
+      WgmmaFence();
+      IssueGemm<64, 8>(hid, a, b, false);
+      WgmmaCommit();
+      WgmmaWaitAll();
+      FenceRegs(hid);
+      FenceRegs(a);
+      uint32_t a2[4][4];
+      const float* up_b = vec + kUpB + c * kWgmmaHidden;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float2 bb = Cols(up_b, j, t);
+        a2[j / 2][2 * (j & 1)] =
+            PackBf16(SiluFast(hid[4 * j] + bb.x), SiluFast(hid[4 * j + 1] + bb.y));
+        a2[j / 2][2 * (j & 1) + 1] =
+            PackBf16(SiluFast(hid[4 * j + 2] + bb.x), SiluFast(hid[4 * j + 3] + bb.y));
+      }
+      WgmmaFence();
+      IssueGemm<128, 4>(acc, a2, b + kWgmmaChunkBytes / 2, c > 0);
+      WgmmaCommit();
+      WgmmaWaitAll();
+      FenceRegs(acc);
+      FenceRegs(a2);
+      release(chunk++);
+    }
+    // Gated residual of the MLP: the layer's output rows.
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float2 bb = Cols(vec + kDownB, j, t);
+      const float2 gate = Cols(mod + kGateMlp, j, t);
+      const float2 x0 = resid[(2 * j) * 128], x1 = resid[(2 * j + 1) * 128];
+      acc[4 * j] = fmaf(acc[4 * j] + bb.x, gate.x, x0.x);
+      acc[4 * j + 1] = fmaf(acc[4 * j + 1] + bb.y, gate.y, x0.y);
+      acc[4 * j + 2] = fmaf(acc[4 * j + 2] + bb.x, gate.x, x1.x);
+      acc[4 * j + 3] = fmaf(acc[4 * j + 3] + bb.y, gate.y, x1.y);
+      if (p.x_dst != nullptr) {
+        const int col = 8 * j + 2 * t;
+        if (ok0) Store2(p.x_dst + off0 + col, acc[4 * j], acc[4 * j + 1]);
+        if (ok1) Store2(p.x_dst + off1 + col, acc[4 * j + 2], acc[4 * j + 3]);
+      }
+      LimitHoisting(j);
+    }
+  } else {
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float2 x0 = resid[(2 * j) * 128], x1 = resid[(2 * j + 1) * 128];
+      acc[4 * j] = x0.x;
+      acc[4 * j + 1] = x0.y;
+      acc[4 * j + 2] = x1.x;
+      acc[4 * j + 3] = x1.y;
+    }
+  }
+
+  if (has_qkv) {
+    LayerNormToA(acc, mod + kScaleAttn, mod + kShiftAttn, t, a);
+    // Positions of this thread's rows for RoPE (x stream), clamped for rows past the tile.
+    const int pos0 = si.start_pos + tile.row0 + (ok0 ? r0 : 0);
+    const int pos1 = si.start_pos + tile.row0 + (ok1 ? r1 : 0);
+    // q, k, v: one GEMM each, then bias (+ RMSNorm and RoPE for q and k) and the store.
+    auto pass = [&](auto which) {
+      constexpr int c = decltype(which)::value;
+      const uint8_t* b = acquire(chunk);
+      WgmmaFence();
+      IssueGemm<128, 8>(acc, a, b, false);
+      WgmmaCommit();
+      WgmmaWaitAll();
+      FenceRegs(acc);
+      FenceRegs(a);
+      release(chunk++);
+      if constexpr (c < 2) {
+        BiasRmsNorm(acc, vec + kQkvB + c * kD, vec + (c == 0 ? kRmsQ : kRmsK), t);
+        if (stream == 0) {
+          // Column 8j + 2t is pair t of its head for even j, pair 4 + t for odd j.
+          const float2 cs[2][2] = {{__ldg(p.rope + pos0 * (kHeadDim / 2) + t),
+                                    __ldg(p.rope + pos0 * (kHeadDim / 2) + 4 + t)},
+                                   {__ldg(p.rope + pos1 * (kHeadDim / 2) + t),
+                                    __ldg(p.rope + pos1 * (kHeadDim / 2) + 4 + t)}};
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            const float2 c0 = cs[0][j & 1], c1 = cs[1][j & 1];
+            const float u0 = acc[4 * j], u1 = acc[4 * j + 1];
+            acc[4 * j] = u0 * c0.x - u1 * c0.y;
+            acc[4 * j + 1] = u0 * c0.y + u1 * c0.x;
+            const float w0 = acc[4 * j + 2], w1 = acc[4 * j + 3];
+            acc[4 * j + 2] = w0 * c1.x - w1 * c1.y;
+            acc[4 * j + 3] = w0 * c1.y + w1 * c1.x;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const float2 bb = Cols(vec + kQkvB + 2 * kD, j, t);
+          acc[4 * j] += bb.x;
+          acc[4 * j + 1] += bb.y;
+          acc[4 * j + 2] += bb.x;
+          acc[4 * j + 3] += bb.y;
+        }
+      }
+      __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(c == 0 ? p.q : c == 1 ? p.k : p.v);
+      __nv_bfloat16* row0 = dst + off0 + 2 * t;
+      __nv_bfloat16* row1 = dst + off1 + 2 * t;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        if (ok0) Store2(row0 + 8 * j, acc[4 * j], acc[4 * j + 1]);
+        if (ok1) Store2(row1 + 8 * j, acc[4 * j + 2], acc[4 * j + 3]);
+      }
+    };
+    pass(std::integral_constant<int, 0>{});
+    pass(std::integral_constant<int, 1>{});
+    pass(std::integral_constant<int, 2>{});
+  }
+}
+
+}  // namespace
+
+absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream) {
+  if (params.num_tiles == 0) return absl::OkStatus();
+  if (params.dim_ff % kWgmmaHidden != 0 || params.dim_ff > kMaxDimFF) {
+    return absl::UnimplementedError(absl::StrCat("the wgmma row kernel takes dim_feedforward a "
+                                                 "multiple of 64 up to 2048; was ",
+                                                 params.dim_ff));
+  }
+  // Raised once to what the largest F needs; each launch asks for what its F needs.
+  static std::atomic<uint64_t> smem_set{0};
+  const void* func = reinterpret_cast<const void*>(&RowKernelWgmma);
+  if (absl::Status s = AllowDynamicSmem(func, SmemBytes(kMaxDimFF), smem_set); !s.ok()) return s;
+  const int x_ctas = (params.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
+  const int c_ctas = (params.num_tiles - params.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
+  CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernelWgmma, dim3(x_ctas + c_ctas), dim3(kThreads),
+                                 SmemBytes(params.dim_ff), stream, params));
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace cuda
+}  // namespace mmdit
