@@ -81,28 +81,29 @@ std::vector<uint8_t> PackFragments(const std::vector<float>& w, int n, int k, Pr
 
 // Rows [n0, n0 + rows) and columns [k0, k0 + cols) of W [n][k] as a B operand image of wgmma in
 // the K-major layout without swizzle: [k16 step][8-row group][k8 half][8 rows][8 values], i.e.
-// 8 x 16-byte core matrices, 128 bytes apart along K and 256 bytes apart along N.
+// 8 x 16-byte core matrices, 128 bytes apart along K and 256 bytes apart along N. Values are
+// multiplied by `scale` (a power of two: exact).
 void PackWgmmaB(const std::vector<float>& w, int k, int n0, int rows, int k0, int cols,
-                std::vector<uint16_t>& out) {
+                std::vector<uint16_t>& out, float scale = 1.0f) {
   for (int ks = 0; ks < cols / 16; ++ks)
     for (int j = 0; j < rows / 8; ++j)
       for (int h = 0; h < 2; ++h)
         for (int r = 0; r < 8; ++r)
           for (int e = 0; e < 8; ++e) {
             const int row = n0 + 8 * j + r, col = k0 + 16 * ks + 8 * h + e;
-            out.push_back(FloatToBf16(w[static_cast<size_t>(row) * k + col]));
+            out.push_back(FloatToBf16(scale * w[static_cast<size_t>(row) * k + col]));
           }
 }
 
 // The chunks of one stream of one layer for the wgmma row kernel, in the order it uses them
 // (forward_kernels.h, kWgmmaChunkBytes): out, then per kWgmmaHidden hidden units the up rows
-// and the down columns, then q, k, v.
+// (halved: the kernel's SiLU takes v / 2) and the down columns, then q, k, v.
 std::vector<uint16_t> PackWgmmaChunks(const StreamWeights& w, int d, int f) {
   std::vector<uint16_t> out;
   out.reserve(static_cast<size_t>(cuda::WgmmaChunksPerLayer(f)) * cuda::kWgmmaChunkBytes / 2);
   PackWgmmaB(w.out_w, d, 0, d, 0, d, out);
   for (int c = 0; c < f / cuda::kWgmmaHidden; ++c) {
-    PackWgmmaB(w.mlp_up_w, d, c * cuda::kWgmmaHidden, cuda::kWgmmaHidden, 0, d, out);
+    PackWgmmaB(w.mlp_up_w, d, c * cuda::kWgmmaHidden, cuda::kWgmmaHidden, 0, d, out, 0.5f);
     PackWgmmaB(w.mlp_down_w, f, 0, d, c * cuda::kWgmmaHidden, cuda::kWgmmaHidden, out);
   }
   for (int c = 0; c < 3; ++c) PackWgmmaB(w.qkv_w, d, c * d, d, 0, d, out);

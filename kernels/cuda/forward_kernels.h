@@ -36,8 +36,8 @@ struct SampleInfo {
 
 // The weights of the wgmma row kernel (bf16, D = 128): for each layer and stream, the chunks it
 // streams into shared memory in the order it uses them, each kWgmmaChunkBytes: the output
-// projection, then per kWgmmaHidden hidden units of the MLP the up rows and the down columns
-// (16 KB each), then q, k and v. A chunk holds its matrices in wgmma's K-major layout without
+// projection, then per kWgmmaHidden hidden units of the MLP the up rows (scaled by 1/2) and the
+// down columns (16 KB each), then q, k and v. A chunk holds its matrices in wgmma's K-major layout without
 // swizzle (cuda_forward.cc, PackWgmmaB).
 constexpr int kWgmmaChunkBytes = 32768;
 constexpr int kWgmmaHidden = 64;

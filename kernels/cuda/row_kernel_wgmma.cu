@@ -44,11 +44,11 @@ constexpr size_t kFullOffset = kResidOffset + kWarpgroups * kResidBytes;
 constexpr size_t kReleasedOffset = kFullOffset + sizeof(uint64_t) * kStages;
 constexpr size_t kVectorsOffset = kReleasedOffset + 16;
 // Vectors of the layer's weights (the CTA's stream): out_b, out_rms, down_b, qkv_b (3D), rms_q,
-// rms_k, then up_b (F).
+// rms_k, then up_b / 2 (F).
 constexpr int kOutB = 0, kOutRms = kD, kDownB = 2 * kD, kQkvB = 3 * kD, kRmsQ = 6 * kD,
               kRmsK = 7 * kD, kUpB = 8 * kD;
-// Modulation of each warpgroup's sample: gate_attn, 1 + scale_mlp, shift_mlp, gate_mlp of
-// post_layer, then 1 + scale_attn, shift_attn of qkv_layer.
+// Modulation of each warpgroup's sample: out_rms * gate_attn, 1 + scale_mlp, shift_mlp,
+// gate_mlp of post_layer, then 1 + scale_attn, shift_attn of qkv_layer.
 constexpr int kGateAttn = 0, kScaleMlp = kD, kShiftMlp = 2 * kD, kGateMlp = 3 * kD,
               kScaleAttn = 4 * kD, kShiftAttn = 5 * kD, kModFloats = 6 * kD;
 // The largest F the shared memory holds the vectors of.
@@ -128,51 +128,61 @@ __device__ __forceinline__ float QuadSum(float v) {
   return v;
 }
 
-// silu(v) = v * sigmoid(v) = 0.5 v (1 + tanh(v / 2)): one MUFU op instead of two (exp and
-// reciprocal); tanh.approx's error (~2^-11) is below the bf16 rounding that follows.
-__device__ __forceinline__ float SiluFast(float v) {
+// silu(v) = v * sigmoid(v) = h (1 + tanh(h)) with h = v / 2: one MUFU op instead of two (exp
+// and reciprocal), and one FFMA, given h (the up weights and bias are stored halved).
+// tanh.approx's error (~2^-11) is below the bf16 rounding that follows.
+__device__ __forceinline__ float SiluOfHalf(float h) {
   float th;
-  asm("tanh.approx.f32 %0, %1;\n" : "=f"(th) : "f"(0.5f * v));
-  return 0.5f * v * (1.0f + th);
+  asm("tanh.approx.f32 %0, %1;\n" : "=f"(th) : "f"(h));
+  return fmaf(h, th, h);
 }
 
 // The element of accumulator d[4j + e] is column 8j + 2t + (e & 1) of row r0 (e < 2) or r1.
 // The ks-th k16 step of an A operand holds columns 16ks..16ks+15: tiles j = 2ks (a[0], a[1]) and
 // 2ks + 1 (a[2], a[3]).
 
+// Sums over the 16 column tiles of this thread's two rows (e < 2: row r0, else r1) of f(value),
+// in two independent partial sums (one chain of 16 dependent adds is a latency the three warps
+// per scheduler cannot hide; four partial sums spill), then over the quad.
+template <typename F>
+__device__ __forceinline__ void RowSums(const float (&v)[64], F f, float& sum0, float& sum1) {
+  float p0[2] = {}, p1[2] = {};
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    p0[j & 1] += f(v[4 * j]) + f(v[4 * j + 1]);
+    p1[j & 1] += f(v[4 * j + 2]) + f(v[4 * j + 3]);
+  }
+  sum0 = QuadSum(p0[0] + p0[1]);
+  sum1 = QuadSum(p1[0] + p1[1]);
+}
+
 // a = bf16(LN(v) * scale1 + shift), per row over its 128 columns (scale1 = 1 + scale).
 // One pass for mean and variance: in fp32 over 128 values of a residual stream it loses nothing
 // that bf16 operands keep.
 __device__ __forceinline__ void LayerNormToA(const float (&v)[64], const float* scale1,
                                              const float* shift, int t, uint32_t (&a)[8][4]) {
-  float s0 = 0.0f, s1 = 0.0f, q0 = 0.0f, q1 = 0.0f;
-#pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    s0 += v[4 * j] + v[4 * j + 1];
-    s1 += v[4 * j + 2] + v[4 * j + 3];
-    q0 = fmaf(v[4 * j], v[4 * j], fmaf(v[4 * j + 1], v[4 * j + 1], q0));
-    q1 = fmaf(v[4 * j + 2], v[4 * j + 2], fmaf(v[4 * j + 3], v[4 * j + 3], q1));
-  }
-  const float m0 = QuadSum(s0) * (1.0f / kD), m1 = QuadSum(s1) * (1.0f / kD);
-  const float rs0 = rsqrtf(fmaxf(QuadSum(q0) * (1.0f / kD) - m0 * m0, 0.0f) + kLayerNormEps);
-  const float rs1 = rsqrtf(fmaxf(QuadSum(q1) * (1.0f / kD) - m1 * m1, 0.0f) + kLayerNormEps);
+  float s0, s1, q0, q1;
+  RowSums(v, [](float x) { return x; }, s0, s1);
+  RowSums(v, [](float x) { return x * x; }, q0, q1);
+  const float m0 = s0 * (1.0f / kD), m1 = s1 * (1.0f / kD);
+  const float rs0 = rsqrtf(fmaxf(q0 * (1.0f / kD) - m0 * m0, 0.0f) + kLayerNormEps);
+  const float rs1 = rsqrtf(fmaxf(q1 * (1.0f / kD) - m1 * m1, 0.0f) + kLayerNormEps);
+  const float n0 = -m0 * rs0, n1 = -m1 * rs1;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     const float2 sc = Cols(scale1, j, t), sh = Cols(shift, j, t);
-    // (v - m) * rs * sc + sh = v * c + (sh - m * c), c = rs * sc
-    const float c00 = rs0 * sc.x, c01 = rs0 * sc.y, c10 = rs1 * sc.x, c11 = rs1 * sc.y;
-    a[j / 2][2 * (j & 1)] = PackBf16(fmaf(v[4 * j], c00, fmaf(-m0, c00, sh.x)),
-                                     fmaf(v[4 * j + 1], c01, fmaf(-m0, c01, sh.y)));
-    a[j / 2][2 * (j & 1) + 1] = PackBf16(fmaf(v[4 * j + 2], c10, fmaf(-m1, c10, sh.x)),
-                                         fmaf(v[4 * j + 3], c11, fmaf(-m1, c11, sh.y)));
+    // ((v - m) * rs) * sc + sh
+    a[j / 2][2 * (j & 1)] = PackBf16(fmaf(fmaf(v[4 * j], rs0, n0), sc.x, sh.x),
+                                     fmaf(fmaf(v[4 * j + 1], rs0, n0), sc.y, sh.y));
+    a[j / 2][2 * (j & 1) + 1] = PackBf16(fmaf(fmaf(v[4 * j + 2], rs1, n1), sc.x, sh.x),
+                                         fmaf(fmaf(v[4 * j + 3], rs1, n1), sc.y, sh.y));
     LimitHoisting(j);
   }
 }
 
-// v = (v + bias) * rsqrt(mean((v + bias)^2) + eps) * w, per row.
-__device__ __forceinline__ void BiasRmsNorm(float (&v)[64], const float* bias, const float* w,
-                                            int t) {
-  float s0 = 0.0f, s1 = 0.0f;
+// v += bias; r = rsqrt(mean(v^2) + eps) per row (RMSNorm without its weight).
+__device__ __forceinline__ void BiasRms(float (&v)[64], const float* bias, int t, float& r0,
+                                        float& r1) {
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     const float2 b = Cols(bias, j, t);
@@ -180,12 +190,19 @@ __device__ __forceinline__ void BiasRmsNorm(float (&v)[64], const float* bias, c
     v[4 * j + 1] += b.y;
     v[4 * j + 2] += b.x;
     v[4 * j + 3] += b.y;
-    s0 = fmaf(v[4 * j], v[4 * j], fmaf(v[4 * j + 1], v[4 * j + 1], s0));
-    s1 = fmaf(v[4 * j + 2], v[4 * j + 2], fmaf(v[4 * j + 3], v[4 * j + 3], s1));
     LimitHoisting(j);
   }
-  const float r0 = rsqrtf(QuadSum(s0) * (1.0f / kD) + kRmsNormEps);
-  const float r1 = rsqrtf(QuadSum(s1) * (1.0f / kD) + kRmsNormEps);
+  float s0, s1;
+  RowSums(v, [](float x) { return x * x; }, s0, s1);
+  r0 = rsqrtf(s0 * (1.0f / kD) + kRmsNormEps);
+  r1 = rsqrtf(s1 * (1.0f / kD) + kRmsNormEps);
+}
+
+// v = RMSNorm(v + bias, w).
+__device__ __forceinline__ void BiasRmsNorm(float (&v)[64], const float* bias, const float* w,
+                                            int t) {
+  float r0, r1;
+  BiasRms(v, bias, t, r0, r1);
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     const float2 ww = Cols(w, j, t);
@@ -261,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     for (int i = threadIdx.x; i < kUpB + p.dim_ff; i += kThreads) {
       float v = 0.0f;
       if (i >= kUpB) {
-        if (wp) v = wp->up_b[i - kUpB];
+        if (wp) v = 0.5f * wp->up_b[i - kUpB];  // halved, as the up weights
       } else if (i < kQkvB) {
         const float* src = i < kOutRms ? wp->out_b : i < kDownB ? wp->out_rms : wp->down_b;
         if (wp) v = src[i % kD];
@@ -290,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     const float* mq = p.mod + tile.sample * per_sample + ((size_t)p.qkv_layer * 2 + stream) * 6 * kD;
     for (int i = tid; i < kD; i += 128) {
       if (has_post) {
-        mod[kGateAttn + i] = mp[2 * kD + i];
+        mod[kGateAttn + i] = mp[2 * kD + i] * p.weights[p.post_layer * 2 + stream].out_rms[i];
         mod[kScaleMlp + i] = 1.0f + mp[3 * kD + i];
         mod[kShiftMlp + i] = mp[4 * kD + i];
         mod[kGateMlp + i] = mp[5 * kD + i];
@@ -322,9 +339,12 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     if (lane == 0) {
       const int s = i % kStages;
       const unsigned target = static_cast<unsigned>(i / kStages + 1) * warps_out;
-      __threadfence_block();
-      if (atomicAdd(&released[s], 1u) + 1 == target && i + kStages < num_chunks) {
-        __threadfence_block();
+      unsigned before;
+      asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
+                   : "=r"(before)
+                   : "r"(SmemAddr(&released[s]))
+                   : "memory");
+      if (before + 1 == target && i + kStages < num_chunks) {
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         BulkLoad(ring + s * kWgmmaChunkBytes, chunk_src(i + kStages), kWgmmaChunkBytes, &full[s]);
       }
@@ -358,17 +378,19 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       FenceRegs(a);
       release(chunk++);
     }
-    // Output projection + RMSNorm, gated residual (kept in shared memory for the MLP's).
-    BiasRmsNorm(acc, vec + kOutB, vec + kOutRms, t);
+    // Output projection + RMSNorm, gated residual (kept in shared memory for the MLP's); the
+    // RMSNorm weight is folded into the gate.
+    float rn0, rn1;
+    BiasRms(acc, vec + kOutB, t, rn0, rn1);
     asm volatile("cp.async.wait_all;\n" ::: "memory");
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const float2 gate = Cols(mod + kGateAttn, j, t);
       const float2 x0 = resid[(2 * j) * 128], x1 = resid[(2 * j + 1) * 128];
-      acc[4 * j] = fmaf(acc[4 * j], gate.x, x0.x);
-      acc[4 * j + 1] = fmaf(acc[4 * j + 1], gate.y, x0.y);
-      acc[4 * j + 2] = fmaf(acc[4 * j + 2], gate.x, x1.x);
-      acc[4 * j + 3] = fmaf(acc[4 * j + 3], gate.y, x1.y);
+      acc[4 * j] = fmaf(acc[4 * j] * rn0, gate.x, x0.x);
+      acc[4 * j + 1] = fmaf(acc[4 * j + 1] * rn0, gate.y, x0.y);
+      acc[4 * j + 2] = fmaf(acc[4 * j + 2] * rn1, gate.x, x1.x);
+      acc[4 * j + 3] = fmaf(acc[4 * j + 3] * rn1, gate.y, x1.y);
       resid[(2 * j) * 128] = make_float2(acc[4 * j], acc[4 * j + 1]);
       resid[(2 * j + 1) * 128] = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
       LimitHoisting(j);
@@ -393,9 +415,9 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       for (int j = 0; j < 8; ++j) {
         const float2 bb = Cols(up_b, j, t);
         a2[j / 2][2 * (j & 1)] =
-            PackBf16(SiluFast(hid[4 * j] + bb.x), SiluFast(hid[4 * j + 1] + bb.y));
+            PackBf16(SiluOfHalf(hid[4 * j] + bb.x), SiluOfHalf(hid[4 * j + 1] + bb.y));
         a2[j / 2][2 * (j & 1) + 1] =
-            PackBf16(SiluFast(hid[4 * j + 2] + bb.x), SiluFast(hid[4 * j + 3] + bb.y));
+            PackBf16(SiluOfHalf(hid[4 * j + 2] + bb.x), SiluOfHalf(hid[4 * j + 3] + bb.y));
       }
       WgmmaFence();
       IssueGemm<128, 4>(acc, a2, b + kWgmmaChunkBytes / 2, c > 0);
