@@ -48,14 +48,6 @@ __device__ __forceinline__ Item DecodeItem(const AttentionParams& p, int index) 
               si.mask_off};
 }
 
-// 16 bytes global -> shared; past the last key, zeros (nothing is read).
-__device__ __forceinline__ void CpAsync16OrZero(void* smem, const void* gmem, bool valid) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
 __device__ __forceinline__ void CpAsyncWaitPrior() {
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 }

@@ -79,34 +79,46 @@ std::vector<uint8_t> PackFragments(const std::vector<float>& w, int n, int k, Pr
   return out;
 }
 
-// Rows [n0, n0 + rows) and columns [k0, k0 + cols) of W [n][k] as a B operand image of wgmma in
-// the K-major layout without swizzle: [k16 step][8-row group][k8 half][8 rows][8 values], i.e.
-// 8 x 16-byte core matrices, 128 bytes apart along K and 256 bytes apart along N. Values are
-// multiplied by `scale` (a power of two: exact).
-void PackWgmmaB(const std::vector<float>& w, int k, int n0, int rows, int k0, int cols,
-                std::vector<uint16_t>& out, float scale = 1.0f) {
+// A B operand image of wgmma, rows x cols with value(n, k), in the K-major layout without
+// swizzle: [k16 step][8-row group][k8 half][8 rows][8 values], i.e. 8 x 16-byte core matrices,
+// 128 bytes apart along K and 256 bytes apart along N.
+template <typename Value>
+void PackWgmmaB(int rows, int cols, Value value, std::vector<uint16_t>& out) {
   for (int ks = 0; ks < cols / 16; ++ks)
     for (int j = 0; j < rows / 8; ++j)
       for (int h = 0; h < 2; ++h)
         for (int r = 0; r < 8; ++r)
           for (int e = 0; e < 8; ++e) {
-            const int row = n0 + 8 * j + r, col = k0 + 16 * ks + 8 * h + e;
-            out.push_back(FloatToBf16(scale * w[static_cast<size_t>(row) * k + col]));
+            out.push_back(FloatToBf16(value(8 * j + r, 16 * ks + 8 * h + e)));
           }
 }
 
 // The chunks of one stream of one layer for the wgmma row kernel, in the order it uses them
 // (forward_kernels.h, kWgmmaChunkBytes): out, then per kWgmmaHidden hidden units the up rows
-// (halved: the kernel's SiLU takes v / 2) and the down columns, then q, k, v.
+// (halved: the kernel's SiLU takes v / 2) and the down columns, then q, k, v. Every model-dim
+// index goes through cuda::WgmmaFeature (forward_kernels.h), the kernel's order of features.
 std::vector<uint16_t> PackWgmmaChunks(const StreamWeights& w, int d, int f) {
   std::vector<uint16_t> out;
   out.reserve(static_cast<size_t>(cuda::WgmmaChunksPerLayer(f)) * cuda::kWgmmaChunkBytes / 2);
-  PackWgmmaB(w.out_w, d, 0, d, 0, d, out);
+  auto at = [](const std::vector<float>& m, int cols, int r, int c) {
+    return m[static_cast<size_t>(r) * cols + c];
+  };
+  using cuda::WgmmaFeature;
+  PackWgmmaB(d, d, [&](int n, int k) { return at(w.out_w, d, WgmmaFeature(n), WgmmaFeature(k)); },
+             out);
   for (int c = 0; c < f / cuda::kWgmmaHidden; ++c) {
-    PackWgmmaB(w.mlp_up_w, d, c * cuda::kWgmmaHidden, cuda::kWgmmaHidden, 0, d, out, 0.5f);
-    PackWgmmaB(w.mlp_down_w, f, 0, d, c * cuda::kWgmmaHidden, cuda::kWgmmaHidden, out);
+    const int h0 = c * cuda::kWgmmaHidden;
+    PackWgmmaB(cuda::kWgmmaHidden, d,
+               [&](int n, int k) { return 0.5f * at(w.mlp_up_w, d, h0 + n, WgmmaFeature(k)); },
+               out);
+    PackWgmmaB(d, cuda::kWgmmaHidden,
+               [&](int n, int k) { return at(w.mlp_down_w, f, WgmmaFeature(n), h0 + k); }, out);
   }
-  for (int c = 0; c < 3; ++c) PackWgmmaB(w.qkv_w, d, c * d, d, 0, d, out);
+  for (int c = 0; c < 3; ++c) {
+    PackWgmmaB(d, d,
+               [&](int n, int k) { return at(w.qkv_w, d, c * d + WgmmaFeature(n), WgmmaFeature(k)); },
+               out);
+  }
   return out;
 }
 
@@ -465,6 +477,7 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.dim_ff = config.dim_feedforward;
   rp.rope = d_rope;
   rp.num_x_tiles = num_x_row_tiles;
+  rp.num_sms = num_sms;
   rp.wgmma_images = d_wgmma_images;
 
   cuda::AttentionParams tp{};

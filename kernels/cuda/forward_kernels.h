@@ -42,6 +42,14 @@ struct SampleInfo {
 constexpr int kWgmmaChunkBytes = 32768;
 constexpr int kWgmmaHidden = 64;
 __host__ __device__ constexpr int WgmmaChunksPerLayer(int dim_ff) { return 4 + dim_ff / kWgmmaHidden; }
+// The wgmma row kernel's order of the model dimension (D = 128). Its accumulator element for
+// column n = 8j + 2t + e (lane t of a quad, n8 tile j) is feature 16 (j / 2) + 4t + 2 (j % 2) + e:
+// each lane owns runs of four consecutive features and the four lanes of a quad adjacent runs,
+// so global accesses are 8 or 16 bytes wide and a quad's cover whole sectors. The weight images
+// are packed in this order; global memory keeps the natural one.
+__host__ __device__ constexpr int WgmmaFeature(int n) {
+  return 16 * (n >> 4) + 4 * ((n & 7) >> 1) + 2 * ((n >> 3) & 1) + (n & 1);
+}
 
 // Row tiles are listed x-stream tiles first, then context tiles.
 struct RowTile {
@@ -105,6 +113,7 @@ struct RowParams {
   int qkv_layer;                    // -1: none
   const float2* rope;               // [max_seq_len][kHeadDim / 2] (cos, sin) of pos * inv_freq
   int num_x_tiles;                  // tiles [0, num_x_tiles) are x-stream tiles
+  int num_sms;                      // the wgmma kernel's grid: at most one CTA per SM
   // bf16, D = 128, 64-row tiles: the images of the wgmma row kernel ([N][2][chunks]); null:
   // the mma.sync kernel.
   const void* wgmma_images;

@@ -34,8 +34,8 @@ constexpr float kRmsNormEps = 1.1920929e-07f;
 constexpr int kStepBytesN128 = 128 * 16 * 2;
 constexpr int kStepBytesN64 = 64 * 16 * 2;
 
-// Shared memory: the weight ring, each warpgroup's residual tile (fp32, in accumulator order:
-// every thread reads back only what it wrote), the ring's mbarriers and release counters, then
+// Shared memory: the weight ring, each warpgroup's residual tile (fp32, in each thread's own
+// order: every thread reads back only what it wrote), the ring's mbarriers and release counters, then
 // the per-column vectors the epilogues read (global loads there were half of all stalls).
 constexpr size_t kRingOffset = 0;
 constexpr size_t kResidOffset = kRingOffset + size_t{kStages} * kWgmmaChunkBytes;
@@ -43,7 +43,7 @@ constexpr size_t kResidBytes = sizeof(float) * kTileRows * kD;
 constexpr size_t kFullOffset = kResidOffset + kWarpgroups * kResidBytes;
 constexpr size_t kReleasedOffset = kFullOffset + sizeof(uint64_t) * kStages;
 constexpr size_t kVectorsOffset = kReleasedOffset + 16;
-// Vectors of the layer's weights (the CTA's stream): out_b, out_rms, down_b, qkv_b (3D), rms_q,
+// Vectors of the layer's weights, for each stream: out_b, out_rms, down_b, qkv_b (3D), rms_q,
 // rms_k, then up_b / 2 (F).
 constexpr int kOutB = 0, kOutRms = kD, kDownB = 2 * kD, kQkvB = 3 * kD, kRmsQ = 6 * kD,
               kRmsK = 7 * kD, kUpB = 8 * kD;
@@ -54,7 +54,7 @@ constexpr int kGateAttn = 0, kScaleMlp = kD, kShiftMlp = 2 * kD, kGateMlp = 3 * 
 // The largest F the shared memory holds the vectors of.
 constexpr int kMaxDimFF = 2048;
 size_t SmemBytes(int dim_ff) {
-  return kVectorsOffset + sizeof(float) * (kUpB + dim_ff + kWarpgroups * kModFloats);
+  return kVectorsOffset + sizeof(float) * (2 * (kUpB + dim_ff) + kWarpgroups * kModFloats);
 }
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -103,16 +103,25 @@ __device__ __forceinline__ float2 Ldg2(const float* p) {
   return __ldg(reinterpret_cast<const float2*>(p));
 }
 
-// Columns 8j + 2t, 8j + 2t + 1 of a vector in shared memory.
+// Elements 8j + 2t, 8j + 2t + 1 of a vector in shared memory, for accumulator tile j of lane t.
+// Model-dim vectors are stored in the kernel's feature order (WgmmaFeature): in natural order
+// the lanes of a quad would read 4 features apart, two of them in one bank.
 __device__ __forceinline__ float2 Cols(const float* v, int j, int t) {
   return *reinterpret_cast<const float2*>(v + 8 * j + 2 * t);
 }
 
-// 8 bytes global -> shared, or zeros.
-__device__ __forceinline__ void CpAsync8OrZero(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(SmemAddr(smem)),
-               "l"(gmem), "r"(valid ? 8 : 0)
-               : "memory");
+// Features 16m + 4t .. + 3 of one row (m = 0..7) as accumulator elements: tiles 2m and 2m + 1,
+// elements +0, +1 for row r0, +2, +3 for row r1.
+__device__ __forceinline__ float4 Quad(const float (&v)[64], int m, int row) {
+  const int e = 2 * row;
+  return make_float4(v[8 * m + e], v[8 * m + e + 1], v[8 * m + 4 + e], v[8 * m + 5 + e]);
+}
+__device__ __forceinline__ void SetQuad(float (&v)[64], int m, int row, float4 q) {
+  const int e = 2 * row;
+  v[8 * m + e] = q.x;
+  v[8 * m + e + 1] = q.y;
+  v[8 * m + 4 + e] = q.z;
+  v[8 * m + 5 + e] = q.w;
 }
 
 // In the epilogue loops over the 16 column tiles: keeps the compiler from hoisting every
@@ -241,24 +250,30 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
   LaunchDependents();
   const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
   const int warp = tid >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  // Three consecutive tiles of one stream per CTA; x-stream tiles come first in the list.
-  const int x_ctas = (p.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
-  const int stream = static_cast<int>(blockIdx.x) >= x_ctas ? 1 : 0;
-  const int first = stream ? p.num_x_tiles + (blockIdx.x - x_ctas) * kWarpgroups
-                           : blockIdx.x * kWarpgroups;
-  const int active = min(kWarpgroups, (stream ? p.num_tiles : p.num_x_tiles) - first);
   const bool has_post = p.post_layer >= 0, has_qkv = p.qkv_layer >= 0;
+  // Groups of three consecutive tiles of one stream (x-stream tiles come first in the list);
+  // this CTA takes groups blockIdx.x, + gridDim.x, ... (the grid is at most one CTA per SM).
+  const int x_groups = (p.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
+  const int num_groups =
+      x_groups + (p.num_tiles - p.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
+  const int rounds = (num_groups - blockIdx.x + gridDim.x - 1) / gridDim.x;
+  auto group_stream = [&](int round) {
+    return static_cast<int>(blockIdx.x + round * gridDim.x) >= x_groups ? 1 : 0;
+  };
 
-  // The chunks of this launch: [out, mlp...] of post_layer, then [q, k, v] of qkv_layer.
+  // Each round streams the chunks [out, mlp...] of post_layer, then [q, k, v] of qkv_layer, of
+  // its group's stream; `chunk` counts them over all rounds.
   const int num_mlp = p.dim_ff / kWgmmaHidden;
   const int per_layer = WgmmaChunksPerLayer(p.dim_ff);
   const int pos0 = has_post ? 0 : 1 + num_mlp;
-  const int num_chunks = (has_qkv ? per_layer : 1 + num_mlp) - pos0;
+  const int per_round = (has_qkv ? per_layer : 1 + num_mlp) - pos0;
+  const int num_chunks = rounds * per_round;
   auto chunk_src = [&](int i) {
-    const int pos = pos0 + i;
+    const int pos = pos0 + i % per_round;
     const int layer = pos < 1 + num_mlp ? p.post_layer : p.qkv_layer;
     return static_cast<const uint8_t*>(p.wgmma_images) +
-           ((size_t)(layer * 2 + stream) * per_layer + pos) * kWgmmaChunkBytes;
+           ((size_t)(layer * 2 + group_stream(i / per_round)) * per_layer + pos) *
+               kWgmmaChunkBytes;
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -271,74 +286,42 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       BulkLoad(ring + i * kWgmmaChunkBytes, chunk_src(i), kWgmmaChunkBytes, &full[i]);
     }
   }
-  // The weights' vectors, also before the wait.
-  {
-    const StreamWeightsDev* wp = has_post ? &p.weights[p.post_layer * 2 + stream] : nullptr;
-    const StreamWeightsDev* wq = has_qkv ? &p.weights[p.qkv_layer * 2 + stream] : nullptr;
-    for (int i = threadIdx.x; i < kUpB + p.dim_ff; i += kThreads) {
-      float v = 0.0f;
-      if (i >= kUpB) {
-        if (wp) v = 0.5f * wp->up_b[i - kUpB];  // halved, as the up weights
-      } else if (i < kQkvB) {
-        const float* src = i < kOutRms ? wp->out_b : i < kDownB ? wp->out_rms : wp->down_b;
-        if (wp) v = src[i % kD];
-      } else if (wq) {
-        v = i < kRmsQ ? wq->qkv_b[i - kQkvB] : i < kRmsK ? wq->rms_q[i - kRmsQ] : wq->rms_k[i - kRmsK];
-      }
-      vec[i] = v;
+  // The weights' vectors of both streams, also before the wait.
+  const int vec_floats = kUpB + p.dim_ff;
+  for (int i = threadIdx.x; i < 2 * vec_floats; i += kThreads) {
+    const int st = i / vec_floats, k = i % vec_floats;
+    const StreamWeightsDev* wp = has_post ? &p.weights[p.post_layer * 2 + st] : nullptr;
+    const StreamWeightsDev* wq = has_qkv ? &p.weights[p.qkv_layer * 2 + st] : nullptr;
+    float v = 0.0f;
+    const int f = WgmmaFeature(k % kD);
+    if (k >= kUpB) {
+      if (wp) v = 0.5f * wp->up_b[k - kUpB];  // halved, as the up weights; hidden units in order
+    } else if (k < kQkvB) {
+      if (wp) v = (k < kOutRms ? wp->out_b : k < kDownB ? wp->out_rms : wp->down_b)[f];
+    } else if (wq) {
+      v = k < kRmsQ   ? wq->qkv_b[(k - kQkvB) / kD * kD + f]
+          : k < kRmsK ? wq->rms_q[f]
+                      : wq->rms_k[f];
     }
+    vec[i] = v;
   }
-
-  const RowTile tile = p.tiles[first + min(wg, active - 1)];
-  const SampleInfo si = p.samples[tile.sample];
-  const int tok0 = si.tok_off + (stream ? si.seq_len : 0) + tile.row0;
-  const int r0 = 16 * warp + g, r1 = r0 + 8;
-  const bool ok0 = r0 < tile.rows, ok1 = r1 < tile.rows;
-  const size_t off0 = (size_t)(tok0 + (ok0 ? r0 : 0)) * kD;
-  const size_t off1 = (size_t)(tok0 + (ok1 ? r1 : 0)) * kD;
-  float2* resid = reinterpret_cast<float2*>(smem + kResidOffset + wg * kResidBytes) + tid;
-  float* mod = vec + kUpB + p.dim_ff + wg * kModFloats;
+  float* mod = vec + 2 * vec_floats + wg * kModFloats;
+  // This thread's residual features: four at a time, slot 2m + row (Quad) at resid[slot * 128].
+  float4* resid = reinterpret_cast<float4*>(smem + kResidOffset + wg * kResidBytes) + tid;
   WaitForPredecessor();
-  if (wg < active) {
-    // This warpgroup's modulation vectors, and its residual rows (cp.async, consumed after the
-    // first GEMM).
-    const size_t per_sample = (size_t)p.num_layers * 2 * 6 * kD;
-    const float* mp = p.mod + tile.sample * per_sample + ((size_t)p.post_layer * 2 + stream) * 6 * kD;
-    const float* mq = p.mod + tile.sample * per_sample + ((size_t)p.qkv_layer * 2 + stream) * 6 * kD;
-    for (int i = tid; i < kD; i += 128) {
-      if (has_post) {
-        mod[kGateAttn + i] = mp[2 * kD + i] * p.weights[p.post_layer * 2 + stream].out_rms[i];
-        mod[kScaleMlp + i] = 1.0f + mp[3 * kD + i];
-        mod[kShiftMlp + i] = mp[4 * kD + i];
-        mod[kGateMlp + i] = mp[5 * kD + i];
-      }
-      if (has_qkv) {
-        mod[kScaleAttn + i] = 1.0f + mq[i];
-        mod[kShiftAttn + i] = mq[kD + i];
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int col = 8 * j + 2 * t;
-      CpAsync8OrZero(resid + (2 * j) * 128, p.x_src + off0 + col, ok0);
-      CpAsync8OrZero(resid + (2 * j + 1) * 128, p.x_src + off1 + col, ok1);
-    }
-    CpAsyncCommit();
-  }
   __syncthreads();
-  if (wg >= active) return;
 
-  const unsigned warps_out = 4u * active;
   auto acquire = [&](int i) {
     MbarrierWait(&full[i % kStages], (i / kStages) & 1);
     return static_cast<const uint8_t*>(ring + (i % kStages) * kWgmmaChunkBytes);
   };
-  // Called by every warp once its wgmma reads of chunk i are complete.
+  // Called by every warp of the CTA for every chunk, in order, once its wgmma reads of it are
+  // complete (a warpgroup with no tile in a round passes its chunks through).
   auto release = [&](int i) {
     __syncwarp();
     if (lane == 0) {
       const int s = i % kStages;
-      const unsigned target = static_cast<unsigned>(i / kStages + 1) * warps_out;
+      const unsigned target = static_cast<unsigned>(i / kStages + 1) * (kThreads / 32);
       unsigned before;
       asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
                    : "=r"(before)
@@ -350,169 +333,242 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       }
     }
   };
+  // The 128 threads of this warpgroup (named barrier 1 + wg; 0 is __syncthreads).
+  auto warpgroup_sync = [&] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
 
-  float acc[64];     // GEMM accumulator; between GEMMs the residual rows
-  uint32_t a[8][4];  // A operand, K = 128
   int chunk = 0;
-  if (has_post) {
-    // Attention output rows straight into A fragments.
+  for (int round = 0; round < rounds; ++round) {
+    const int group = blockIdx.x + round * gridDim.x;
+    const int stream = group_stream(round);
+    const int first = stream ? p.num_x_tiles + (group - x_groups) * kWarpgroups
+                             : group * kWarpgroups;
+    if (first + wg >= (stream ? p.num_tiles : p.num_x_tiles)) {
+      for (int c = 0; c < per_round; ++c, ++chunk) {
+        acquire(chunk);
+        release(chunk);
+      }
+      continue;
+    }
+    const float* sv = vec + stream * vec_floats;
+    const RowTile tile = p.tiles[first + wg];
+    const SampleInfo si = p.samples[tile.sample];
+    const int tok0 = si.tok_off + (stream ? si.seq_len : 0) + tile.row0;
+    const int r0 = 16 * warp + g, r1 = r0 + 8;
+    const bool ok0 = r0 < tile.rows, ok1 = r1 < tile.rows;
+    const size_t off0 = (size_t)(tok0 + (ok0 ? r0 : 0)) * kD;
+    const size_t off1 = (size_t)(tok0 + (ok1 ? r1 : 0)) * kD;
     {
-      const uint32_t* at = static_cast<const uint32_t*>(p.attn);  // bf16 pairs
-#pragma unroll
-      for (int ks = 0; ks < 8; ++ks) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int col = 16 * ks + 8 * h + 2 * t;
-          a[ks][2 * h] = ok0 ? __ldg(at + (off0 + col) / 2) : 0u;
-          a[ks][2 * h + 1] = ok1 ? __ldg(at + (off1 + col) / 2) : 0u;
+      // This warpgroup's modulation vectors, and its residual rows (cp.async, consumed after
+      // the first GEMM).
+      const size_t per_sample = (size_t)p.num_layers * 2 * 6 * kD;
+      const float* mp =
+          p.mod + tile.sample * per_sample + ((size_t)p.post_layer * 2 + stream) * 6 * kD;
+      const float* mq =
+          p.mod + tile.sample * per_sample + ((size_t)p.qkv_layer * 2 + stream) * 6 * kD;
+      warpgroup_sync();  // the previous round's reads of mod are done
+      for (int i = tid; i < kD; i += 128) {
+        const int f = WgmmaFeature(i);
+        if (has_post) {
+          mod[kGateAttn + i] = mp[2 * kD + f] * sv[kOutRms + i];
+          mod[kScaleMlp + i] = 1.0f + mp[3 * kD + f];
+          mod[kShiftMlp + i] = mp[4 * kD + f];
+          mod[kGateMlp + i] = mp[5 * kD + f];
+        }
+        if (has_qkv) {
+          mod[kScaleAttn + i] = 1.0f + mq[f];
+          mod[kShiftAttn + i] = mq[kD + f];
         }
       }
-    }
-    {
-      const uint8_t* b = acquire(chunk);
-      WgmmaFence();
-      IssueGemm<128, 8>(acc, a, b, false);
-      WgmmaCommit();
-      WgmmaWaitAll();
-      FenceRegs(acc);
-      FenceRegs(a);
-      release(chunk++);
-    }
-    // Output projection + RMSNorm, gated residual (kept in shared memory for the MLP's); the
-    // RMSNorm weight is folded into the gate.
-    float rn0, rn1;
-    BiasRms(acc, vec + kOutB, t, rn0, rn1);
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const float2 gate = Cols(mod + kGateAttn, j, t);
-      const float2 x0 = resid[(2 * j) * 128], x1 = resid[(2 * j + 1) * 128];
-      acc[4 * j] = fmaf(acc[4 * j] * rn0, gate.x, x0.x);
-      acc[4 * j + 1] = fmaf(acc[4 * j + 1] * rn0, gate.y, x0.y);
-      acc[4 * j + 2] = fmaf(acc[4 * j + 2] * rn1, gate.x, x1.x);
-      acc[4 * j + 3] = fmaf(acc[4 * j + 3] * rn1, gate.y, x1.y);
-      resid[(2 * j) * 128] = make_float2(acc[4 * j], acc[4 * j + 1]);
-      resid[(2 * j + 1) * 128] = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-      LimitHoisting(j);
+      for (int m = 0; m < 8; ++m) {
+        CpAsync16OrZero(resid + (2 * m) * 128, p.x_src + off0 + 16 * m + 4 * t, ok0);
+        CpAsync16OrZero(resid + (2 * m + 1) * 128, p.x_src + off1 + 16 * m + 4 * t, ok1);
+      }
+      CpAsyncCommit();
+      warpgroup_sync();
     }
-    LayerNormToA(acc, mod + kScaleMlp, mod + kShiftMlp, t, a);
 
-    // MLP, kWgmmaHidden hidden units per chunk: up (N = 64) -> SiLU -> A operand -> down
-    // (K = 64) accumulated into acc. (Queueing down(c) with up(c + 1) keeps both operands live:
-    // 20 bytes of spills, and 129 against 122 us per launch at B = 256.)
-    for (int c = 0; c < num_mlp; ++c) {
-      const uint8_t* b = acquire(chunk);
-      float hid[32];
-      WgmmaFence();
-      IssueGemm<64, 8>(hid, a, b, false);
-      WgmmaCommit();
-      WgmmaWaitAll();
-      FenceRegs(hid);
-      FenceRegs(a);
-      uint32_t a2[4][4];
-      const float* up_b = vec + kUpB + c * kWgmmaHidden;
+    float acc[64];     // GEMM accumulator; between GEMMs the residual rows
+    uint32_t a[8][4];  // A operand, K = 128
+    if (has_post) {
+      // Attention output rows straight into A fragments: features 16ks + 4t .. + 3 are
+      // a[ks][0], a[ks][2] (row r0) and a[ks][1], a[ks][3] (row r1).
+      {
+        const __nv_bfloat16* at = static_cast<const __nv_bfloat16*>(p.attn);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float2 bb = Cols(up_b, j, t);
-        a2[j / 2][2 * (j & 1)] =
-            PackBf16(SiluOfHalf(hid[4 * j] + bb.x), SiluOfHalf(hid[4 * j + 1] + bb.y));
-        a2[j / 2][2 * (j & 1) + 1] =
-            PackBf16(SiluOfHalf(hid[4 * j + 2] + bb.x), SiluOfHalf(hid[4 * j + 3] + bb.y));
-      }
-      WgmmaFence();
-      IssueGemm<128, 4>(acc, a2, b + kWgmmaChunkBytes / 2, c > 0);
-      WgmmaCommit();
-      WgmmaWaitAll();
-      FenceRegs(acc);
-      FenceRegs(a2);
-      release(chunk++);
-    }
-    // Gated residual of the MLP: the layer's output rows.
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const float2 bb = Cols(vec + kDownB, j, t);
-      const float2 gate = Cols(mod + kGateMlp, j, t);
-      const float2 x0 = resid[(2 * j) * 128], x1 = resid[(2 * j + 1) * 128];
-      acc[4 * j] = fmaf(acc[4 * j] + bb.x, gate.x, x0.x);
-      acc[4 * j + 1] = fmaf(acc[4 * j + 1] + bb.y, gate.y, x0.y);
-      acc[4 * j + 2] = fmaf(acc[4 * j + 2] + bb.x, gate.x, x1.x);
-      acc[4 * j + 3] = fmaf(acc[4 * j + 3] + bb.y, gate.y, x1.y);
-      if (p.x_dst != nullptr) {
-        const int col = 8 * j + 2 * t;
-        if (ok0) Store2(p.x_dst + off0 + col, acc[4 * j], acc[4 * j + 1]);
-        if (ok1) Store2(p.x_dst + off1 + col, acc[4 * j + 2], acc[4 * j + 3]);
-      }
-      LimitHoisting(j);
-    }
-  } else {
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const float2 x0 = resid[(2 * j) * 128], x1 = resid[(2 * j + 1) * 128];
-      acc[4 * j] = x0.x;
-      acc[4 * j + 1] = x0.y;
-      acc[4 * j + 2] = x1.x;
-      acc[4 * j + 3] = x1.y;
-    }
-  }
-
-  if (has_qkv) {
-    LayerNormToA(acc, mod + kScaleAttn, mod + kShiftAttn, t, a);
-    // Positions of this thread's rows for RoPE (x stream), clamped for rows past the tile.
-    const int pos0 = si.start_pos + tile.row0 + (ok0 ? r0 : 0);
-    const int pos1 = si.start_pos + tile.row0 + (ok1 ? r1 : 0);
-    // q, k, v: one GEMM each, then bias (+ RMSNorm and RoPE for q and k) and the store.
-    auto pass = [&](auto which) {
-      constexpr int c = decltype(which)::value;
-      const uint8_t* b = acquire(chunk);
-      WgmmaFence();
-      IssueGemm<128, 8>(acc, a, b, false);
-      WgmmaCommit();
-      WgmmaWaitAll();
-      FenceRegs(acc);
-      FenceRegs(a);
-      release(chunk++);
-      if constexpr (c < 2) {
-        BiasRmsNorm(acc, vec + kQkvB + c * kD, vec + (c == 0 ? kRmsQ : kRmsK), t);
-        if (stream == 0) {
-          // Column 8j + 2t is pair t of its head for even j, pair 4 + t for odd j.
-          const float2 cs[2][2] = {{__ldg(p.rope + pos0 * (kHeadDim / 2) + t),
-                                    __ldg(p.rope + pos0 * (kHeadDim / 2) + 4 + t)},
-                                   {__ldg(p.rope + pos1 * (kHeadDim / 2) + t),
-                                    __ldg(p.rope + pos1 * (kHeadDim / 2) + 4 + t)}};
-#pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            const float2 c0 = cs[0][j & 1], c1 = cs[1][j & 1];
-            const float u0 = acc[4 * j], u1 = acc[4 * j + 1];
-            acc[4 * j] = u0 * c0.x - u1 * c0.y;
-            acc[4 * j + 1] = u0 * c0.y + u1 * c0.x;
-            const float w0 = acc[4 * j + 2], w1 = acc[4 * j + 3];
-            acc[4 * j + 2] = w0 * c1.x - w1 * c1.y;
-            acc[4 * j + 3] = w0 * c1.y + w1 * c1.x;
-          }
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const float2 bb = Cols(vec + kQkvB + 2 * kD, j, t);
-          acc[4 * j] += bb.x;
-          acc[4 * j + 1] += bb.y;
-          acc[4 * j + 2] += bb.x;
-          acc[4 * j + 3] += bb.y;
+        for (int ks = 0; ks < 8; ++ks) {
+          const uint2 u0 = ok0 ? __ldg(reinterpret_cast<const uint2*>(at + off0 + 16 * ks + 4 * t))
+                               : make_uint2(0u, 0u);
+          const uint2 u1 = ok1 ? __ldg(reinterpret_cast<const uint2*>(at + off1 + 16 * ks + 4 * t))
+                               : make_uint2(0u, 0u);
+          a[ks][0] = u0.x, a[ks][2] = u0.y, a[ks][1] = u1.x, a[ks][3] = u1.y;
         }
       }
-      __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(c == 0 ? p.q : c == 1 ? p.k : p.v);
-      __nv_bfloat16* row0 = dst + off0 + 2 * t;
-      __nv_bfloat16* row1 = dst + off1 + 2 * t;
+      {
+        const uint8_t* b = acquire(chunk);
+        WgmmaFence();
+        IssueGemm<128, 8>(acc, a, b, false);
+        WgmmaCommit();
+        WgmmaWaitAll();
+        FenceRegs(acc);
+        FenceRegs(a);
+        release(chunk++);
+      }
+      // Output projection + RMSNorm, gated residual (kept in shared memory for the MLP's); the
+      // RMSNorm weight is folded into the gate.
+      float rn0, rn1;
+      BiasRms(acc, sv + kOutB, t, rn0, rn1);
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        if (ok0) Store2(row0 + 8 * j, acc[4 * j], acc[4 * j + 1]);
-        if (ok1) Store2(row1 + 8 * j, acc[4 * j + 2], acc[4 * j + 3]);
+        const float2 gate = Cols(mod + kGateAttn, j, t);
+        acc[4 * j] *= rn0 * gate.x;
+        acc[4 * j + 1] *= rn0 * gate.y;
+        acc[4 * j + 2] *= rn1 * gate.x;
+        acc[4 * j + 3] *= rn1 * gate.y;
+        LimitHoisting(j);
       }
-    };
-    pass(std::integral_constant<int, 0>{});
-    pass(std::integral_constant<int, 1>{});
-    pass(std::integral_constant<int, 2>{});
+#pragma unroll
+      for (int m = 0; m < 8; ++m) {
+#pragma unroll
+        for (int row = 0; row < 2; ++row) {
+          const float4 x = resid[(2 * m + row) * 128], v = Quad(acc, m, row);
+          const float4 y = make_float4(x.x + v.x, x.y + v.y, x.z + v.z, x.w + v.w);
+          SetQuad(acc, m, row, y);
+          resid[(2 * m + row) * 128] = y;
+        }
+      }
+      LayerNormToA(acc, mod + kScaleMlp, mod + kShiftMlp, t, a);
+
+      // MLP, kWgmmaHidden hidden units per chunk: up (N = 64) -> SiLU -> A operand -> down
+      // (K = 64) accumulated into acc. (Queueing down(c) with up(c + 1) keeps both operands live:
+      // 20 bytes of spills, and 129 against 122 us per launch at B = 256.)
+      for (int c = 0; c < num_mlp; ++c) {
+        const uint8_t* b = acquire(chunk);
+        float hid[32];
+        WgmmaFence();
+        IssueGemm<64, 8>(hid, a, b, false);
+        WgmmaCommit();
+        WgmmaWaitAll();
+        FenceRegs(hid);
+        FenceRegs(a);
+        uint32_t a2[4][4];
+        const float* up_b = sv + kUpB + c * kWgmmaHidden;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          // Hidden units keep their natural order: column 8j + 2t of the up GEMM.
+          const float2 bb = *reinterpret_cast<const float2*>(up_b + 8 * j + 2 * t);
+          a2[j / 2][2 * (j & 1)] =
+              PackBf16(SiluOfHalf(hid[4 * j] + bb.x), SiluOfHalf(hid[4 * j + 1] + bb.y));
+          a2[j / 2][2 * (j & 1) + 1] =
+              PackBf16(SiluOfHalf(hid[4 * j + 2] + bb.x), SiluOfHalf(hid[4 * j + 3] + bb.y));
+        }
+        WgmmaFence();
+        IssueGemm<128, 4>(acc, a2, b + kWgmmaChunkBytes / 2, c > 0);
+        WgmmaCommit();
+        WgmmaWaitAll();
+        FenceRegs(acc);
+        FenceRegs(a2);
+        release(chunk++);
+      }
+      // Gated residual of the MLP: the layer's output rows.
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const float2 bb = Cols(sv + kDownB, j, t);
+        const float2 gate = Cols(mod + kGateMlp, j, t);
+        acc[4 * j] = (acc[4 * j] + bb.x) * gate.x;
+        acc[4 * j + 1] = (acc[4 * j + 1] + bb.y) * gate.y;
+        acc[4 * j + 2] = (acc[4 * j + 2] + bb.x) * gate.x;
+        acc[4 * j + 3] = (acc[4 * j + 3] + bb.y) * gate.y;
+        LimitHoisting(j);
+      }
+#pragma unroll
+      for (int m = 0; m < 8; ++m) {
+#pragma unroll
+        for (int row = 0; row < 2; ++row) {
+          const float4 x = resid[(2 * m + row) * 128], v = Quad(acc, m, row);
+          const float4 y = make_float4(x.x + v.x, x.y + v.y, x.z + v.z, x.w + v.w);
+          SetQuad(acc, m, row, y);
+          if (p.x_dst != nullptr && (row == 0 ? ok0 : ok1)) {
+            *reinterpret_cast<float4*>(p.x_dst + (row == 0 ? off0 : off1) + 16 * m + 4 * t) = y;
+          }
+        }
+      }
+    } else {
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+#pragma unroll
+      for (int m = 0; m < 8; ++m) {
+        SetQuad(acc, m, 0, resid[(2 * m) * 128]);
+        SetQuad(acc, m, 1, resid[(2 * m + 1) * 128]);
+      }
+    }
+
+    if (has_qkv) {
+      LayerNormToA(acc, mod + kScaleAttn, mod + kShiftAttn, t, a);
+      // Positions of this thread's rows for RoPE (x stream), clamped for rows past the tile.
+      const int pos0 = si.start_pos + tile.row0 + (ok0 ? r0 : 0);
+      const int pos1 = si.start_pos + tile.row0 + (ok1 ? r1 : 0);
+      // q, k, v: one GEMM each, then bias (+ RMSNorm and RoPE for q and k) and the store.
+      auto pass = [&](auto which) {
+        constexpr int c = decltype(which)::value;
+        const uint8_t* b = acquire(chunk);
+        WgmmaFence();
+        IssueGemm<128, 8>(acc, a, b, false);
+        WgmmaCommit();
+        WgmmaWaitAll();
+        FenceRegs(acc);
+        FenceRegs(a);
+        release(chunk++);
+        if constexpr (c < 2) {
+          BiasRmsNorm(acc, sv + kQkvB + c * kD, sv + (c == 0 ? kRmsQ : kRmsK), t);
+          if (stream == 0) {
+            // Features 16 (j / 2) + 4t + 2 (j % 2), + 1 are pair 2t + j % 2 of their head: one
+            // 16-byte load per row holds both pairs of this lane.
+            const float4 q0 = __ldg(reinterpret_cast<const float4*>(p.rope + pos0 * (kHeadDim / 2)) + t);
+            const float4 q1 = __ldg(reinterpret_cast<const float4*>(p.rope + pos1 * (kHeadDim / 2)) + t);
+            const float2 e0 = make_float2(q0.x, q0.y), o0 = make_float2(q0.z, q0.w);
+            const float2 e1 = make_float2(q1.x, q1.y), o1 = make_float2(q1.z, q1.w);
+            auto rotate = [&](int j, float2 c0, float2 c1) {
+              const float u0 = acc[4 * j], u1 = acc[4 * j + 1];
+              acc[4 * j] = u0 * c0.x - u1 * c0.y;
+              acc[4 * j + 1] = u0 * c0.y + u1 * c0.x;
+              const float w0 = acc[4 * j + 2], w1 = acc[4 * j + 3];
+              acc[4 * j + 2] = w0 * c1.x - w1 * c1.y;
+              acc[4 * j + 3] = w0 * c1.y + w1 * c1.x;
+            };
+#pragma unroll
+            for (int j = 0; j < 16; j += 2) {
+              rotate(j, e0, e1);
+              rotate(j + 1, o0, o1);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            const float2 bb = Cols(sv + kQkvB + 2 * kD, j, t);
+            acc[4 * j] += bb.x;
+            acc[4 * j + 1] += bb.y;
+            acc[4 * j + 2] += bb.x;
+            acc[4 * j + 3] += bb.y;
+          }
+        }
+        __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(c == 0 ? p.q : c == 1 ? p.k : p.v);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {  // features 16m + 4t .. + 3: tiles 2m, 2m + 1
+          if (ok0) {
+            *reinterpret_cast<uint2*>(dst + off0 + 16 * m + 4 * t) =
+                make_uint2(PackBf16(acc[8 * m], acc[8 * m + 1]), PackBf16(acc[8 * m + 4], acc[8 * m + 5]));
+          }
+          if (ok1) {
+            *reinterpret_cast<uint2*>(dst + off1 + 16 * m + 4 * t) =
+                make_uint2(PackBf16(acc[8 * m + 2], acc[8 * m + 3]), PackBf16(acc[8 * m + 6], acc[8 * m + 7]));
+          }
+        }
+      };
+      pass(std::integral_constant<int, 0>{});
+      pass(std::integral_constant<int, 1>{});
+      pass(std::integral_constant<int, 2>{});
+    }
   }
 }
 
@@ -529,9 +585,9 @@ absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   const void* func = reinterpret_cast<const void*>(&RowKernelWgmma);
   if (absl::Status s = AllowDynamicSmem(func, SmemBytes(kMaxDimFF), smem_set); !s.ok()) return s;
-  const int x_ctas = (params.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
-  const int c_ctas = (params.num_tiles - params.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
-  CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernelWgmma, dim3(x_ctas + c_ctas), dim3(kThreads),
+  const int groups = (params.num_x_tiles + kWarpgroups - 1) / kWarpgroups +
+                     (params.num_tiles - params.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
+  CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernelWgmma, dim3(min(groups, params.num_sms)), dim3(kThreads),
                                  SmemBytes(params.dim_ff), stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
