@@ -357,6 +357,22 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     const bool ok0 = r0 < tile.rows, ok1 = r1 < tile.rows;
     const size_t off0 = (size_t)(tok0 + (ok0 ? r0 : 0)) * kD;
     const size_t off1 = (size_t)(tok0 + (ok1 ? r1 : 0)) * kD;
+    float acc[64];     // GEMM accumulator; between GEMMs the residual rows
+    uint32_t a[8][4];  // A operand, K = 128
+    // Issued first: the first GEMM waits for these, the rest of the setup does not. Attention
+    // output rows straight into A fragments: features 16ks + 4t .. + 3 are a[ks][0], a[ks][2]
+    // (row r0) and a[ks][1], a[ks][3] (row r1).
+    if (has_post) {
+      const __nv_bfloat16* at = static_cast<const __nv_bfloat16*>(p.attn);
+#pragma unroll
+      for (int ks = 0; ks < 8; ++ks) {
+        const uint2 u0 = ok0 ? __ldg(reinterpret_cast<const uint2*>(at + off0 + 16 * ks + 4 * t))
+                             : make_uint2(0u, 0u);
+        const uint2 u1 = ok1 ? __ldg(reinterpret_cast<const uint2*>(at + off1 + 16 * ks + 4 * t))
+                             : make_uint2(0u, 0u);
+        a[ks][0] = u0.x, a[ks][2] = u0.y, a[ks][1] = u1.x, a[ks][3] = u1.y;
+      }
+    }
     {
       // This warpgroup's modulation vectors, and its residual rows (cp.async, consumed after
       // the first GEMM).
@@ -388,22 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       warpgroup_sync();
     }
 
-    float acc[64];     // GEMM accumulator; between GEMMs the residual rows
-    uint32_t a[8][4];  // A operand, K = 128
     if (has_post) {
-      // Attention output rows straight into A fragments: features 16ks + 4t .. + 3 are
-      // a[ks][0], a[ks][2] (row r0) and a[ks][1], a[ks][3] (row r1).
-      {
-        const __nv_bfloat16* at = static_cast<const __nv_bfloat16*>(p.attn);
-#pragma unroll
-        for (int ks = 0; ks < 8; ++ks) {
-          const uint2 u0 = ok0 ? __ldg(reinterpret_cast<const uint2*>(at + off0 + 16 * ks + 4 * t))
-                               : make_uint2(0u, 0u);
-          const uint2 u1 = ok1 ? __ldg(reinterpret_cast<const uint2*>(at + off1 + 16 * ks + 4 * t))
-                               : make_uint2(0u, 0u);
-          a[ks][0] = u0.x, a[ks][2] = u0.y, a[ks][1] = u1.x, a[ks][3] = u1.y;
-        }
-      }
       {
         const uint8_t* b = acquire(chunk);
         WgmmaFence();
