@@ -362,12 +362,17 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
         "CUDA forward holds ", max_mask_words * 4, " (max_mask_bytes)"));
   }
   // Fewer 64-token tiles than multiprocessors leaves most of the chip idle: small batches take
-  // 16-token tiles (D = 128 only; at B = 64 they cost 1.30 ms against 0.87 with 64). Attention
-  // takes 64-query tiles at small batches and always in fp32, whose 161-register kernel fits
-  // only one 256-thread CTA per SM (B = 256: 12.70 ms against 13.40 with 128-query tiles; bf16
-  // is the other way round, 3.52 against 3.67 ms).
+  // 16-token tiles (D = 128 only; at B = 64 they cost 1.30 ms against 0.87 with 64). The wgmma
+  // row kernel (bf16) takes over at three quarters of that: on an H200, B = 16 (64 tiles) runs
+  // in 0.37 ms with 16-token tiles against 0.47, B = 32 (128 tiles) in 0.55 ms against 0.74.
+  // Attention takes 64-query tiles at small batches and always in fp32, whose 161-register
+  // kernel fits only one 256-thread CTA per SM (B = 256: 12.70 ms against 13.40 with 128-query
+  // tiles; bf16 is the other way round, 3.52 against 3.67 ms).
   tile_rows = options.row_tile_rows;
-  if (tile_rows == 0) tile_rows = (d == 128 && tiles64 < num_sms) ? 16 : 64;
+  if (tile_rows == 0) {
+    const int small = d_wgmma_images != nullptr ? num_sms * 3 / 4 : num_sms;
+    tile_rows = (d == 128 && tiles64 < small) ? 16 : 64;
+  }
   tile_queries = options.attn_tile_queries;
   if (tile_queries == 0) {
     tile_queries = (precision == Precision::kFp32 || attn128 * h < 2 * num_sms) ? 64 : 128;
