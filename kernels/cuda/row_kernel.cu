@@ -33,6 +33,19 @@ struct RowShape {
       2 * sizeof(float) * kM * kXs + 2 * sizeof(T) * kM * kAs;
 };
 
+// The per-column vectors of a launch, staged in shared memory after the tiles (each pass read
+// them from global memory after its barrier: an L2 round trip on the critical path of every
+// pass, twelve per launch). Offsets in units of D: the weights' vectors of the tile's stream,
+// then the modulation of its sample (scales as 1 + scale), then up_b when F <= kMaxStagedFF.
+enum VectorOffset {
+  kVOutB = 0, kVOutRms = 1, kVDownB = 2, kVQkvB = 3, kVRmsQ = 6, kVRmsK = 7, kVGateAttn = 8,
+  kVScaleMlp = 9, kVShiftMlp = 10, kVGateMlp = 11, kVScaleAttn = 12, kVShiftAttn = 13, kVUpB = 14
+};
+constexpr int kMaxStagedFF = 2048;
+size_t VectorBytes(int dim, int dim_ff) {
+  return sizeof(float) * (kVUpB * dim + (dim_ff <= kMaxStagedFF ? dim_ff : 0));
+}
+
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -171,7 +184,7 @@ __device__ __forceinline__ void StoreAcc(float* ss, const float (&acc)[kMT][kNT]
 #pragma unroll
   for (int n = 0; n < kNT; ++n) {
     const int col = (warp * kNT + n) * 8 + 2 * t;
-    const float b0 = __ldg(bias + col), b1 = __ldg(bias + col + 1);
+    const float b0 = bias[col], b1 = bias[col + 1];
 #pragma unroll
     for (int m = 0; m < kMT; ++m) {
       Store2(ss + (16 * m + g) * kXs + col, acc[m][n][0] + b0, acc[m][n][1] + b1);
@@ -180,7 +193,9 @@ __device__ __forceinline__ void StoreAcc(float* ss, const float (&acc)[kMT][kNT]
   }
 }
 
-// kCols consecutive floats from src into registers (one 16- or 8-byte load).
+// kCols consecutive floats from src into registers (one 16- or 8-byte load). The row passes
+// load their per-column vectors once per pass, not once per row: re-read for every row, they
+// made the row passes, not the GEMMs, most of the instructions (about 50 k of 60 k per CTA).
 template <int kCols>
 __device__ __forceinline__ void LoadCols(float (&dst)[kCols], const float* src) {
   if constexpr (kCols == 4) {
@@ -191,16 +206,6 @@ __device__ __forceinline__ void LoadCols(float (&dst)[kCols], const float* src) 
     const float2 v = *reinterpret_cast<const float2*>(src);
     dst[0] = v.x, dst[1] = v.y;
   }
-}
-
-// The per-column vectors of a row pass, loaded once per pass rather than once per row: the
-// first version re-read them from global memory for every row, and the row passes, not the
-// GEMMs, dominated the instruction count (about 50 k of 60 k warp instructions per CTA).
-template <int kCols>
-__device__ __forceinline__ void LoadScale(float (&dst)[kCols], const float* src) {
-  LoadCols<kCols>(dst, src);
-#pragma unroll
-  for (int j = 0; j < kCols; ++j) dst[j] += 1.0f;
 }
 
 // One row, kCols columns per lane from col0: out = LN(x) * scale1 + shift (scale1 = 1 + scale).
@@ -268,6 +273,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
   float* ss = xs + kM * kXs;                   // GEMM output before its row-wise epilogue
   T* as = reinterpret_cast<T*>(ss + kM * kXs);  // GEMM operand
   T* hs = as + kM * kAs;                        // MLP hidden chunk
+  float* vs = reinterpret_cast<float*>(hs + kM * kAs);  // vectors (VectorOffset)
 
   LaunchDependents();
   const RowTile tile = p.tiles[blockIdx.x];
@@ -304,7 +310,45 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
       LoadFrags(frags, qkv_d(0));
     }
   }
+  // The weights' vectors (read-only: before the wait), then the modulation.
+  const bool stage_up_b = p.dim_ff <= kMaxStagedFF;
+  for (int i = threadIdx.x; i < kVGateAttn * kD + (stage_up_b ? p.dim_ff : 0); i += kThreads) {
+    float v = 0.0f;
+    if (i >= kVGateAttn * kD) {
+      if (wp) v = wp->up_b[i - kVGateAttn * kD];
+      vs[kVUpB * kD + i - kVGateAttn * kD] = v;
+      continue;
+    }
+    const int k = i % kD;
+    switch (i / kD) {
+      case kVOutB: if (wp) v = wp->out_b[k]; break;
+      case kVOutRms: if (wp) v = wp->out_rms[k]; break;
+      case kVDownB: if (wp) v = wp->down_b[k]; break;
+      case kVRmsQ: if (wq) v = wq->rms_q[k]; break;
+      case kVRmsK: if (wq) v = wq->rms_k[k]; break;
+      default: if (wq) v = wq->qkv_b[i - kVQkvB * kD]; break;  // q, k, v biases
+    }
+    vs[i] = v;
+  }
+  const float* up_b_base = stage_up_b ? vs + kVUpB * kD : (wp ? wp->up_b : nullptr);
   WaitForPredecessor();
+  {
+    const size_t per_sample = (size_t)p.num_layers * 2 * 6 * kD;
+    const float* mp = p.mod + tile.sample * per_sample + ((size_t)p.post_layer * 2 + tile.stream) * 6 * kD;
+    const float* mq = p.mod + tile.sample * per_sample + ((size_t)p.qkv_layer * 2 + tile.stream) * 6 * kD;
+    for (int i = threadIdx.x; i < kD; i += kThreads) {
+      if (wp) {
+        vs[kVGateAttn * kD + i] = mp[2 * kD + i];
+        vs[kVScaleMlp * kD + i] = 1.0f + mp[3 * kD + i];
+        vs[kVShiftMlp * kD + i] = mp[4 * kD + i];
+        vs[kVGateMlp * kD + i] = mp[5 * kD + i];
+      }
+      if (wq) {
+        vs[kVScaleAttn * kD + i] = 1.0f + mq[i];
+        vs[kVShiftAttn * kD + i] = mq[kD + i];
+      }
+    }
+  }
 
   for (int i = threadIdx.x; i < kM * kD / 4; i += kThreads) {
     const int r = i / (kD / 4), c = (i % (kD / 4)) * 4;
@@ -316,9 +360,6 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
 
   float acc[kMT][kNT][4];
   if (p.post_layer >= 0) {
-    const StreamWeightsDev& w = p.weights[p.post_layer * 2 + tile.stream];
-    const float* mod =
-        p.mod + ((size_t)(tile.sample * p.num_layers + p.post_layer) * 2 + tile.stream) * 6 * kD;
     const T* attn = static_cast<const T*>(p.attn);
     constexpr int kVec = 16 / sizeof(T);
     for (int i = threadIdx.x; i < kM * kD / kVec; i += kThreads) {
@@ -330,14 +371,14 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
     __syncthreads();
     ZeroAcc(acc);
     WarpGemm<P, kD, kMT>(acc, as, frags, out_d(), up_d(0));
-    StoreAcc<kMT, kNT, kXs>(ss, acc, w.out_b, warp);
+    StoreAcc<kMT, kNT, kXs>(ss, acc, vs + kVOutB * kD, warp);
     __syncthreads();
     // RMSNorm of the projection, gated residual, modulated LayerNorm for the MLP.
     float rms_w[kCols], gate[kCols], scale1[kCols], shift[kCols];
-    LoadCols<kCols>(rms_w, w.out_rms + col0);
-    LoadCols<kCols>(gate, mod + 2 * kD + col0);
-    LoadScale<kCols>(scale1, mod + 3 * kD + col0);
-    LoadCols<kCols>(shift, mod + 4 * kD + col0);
+    LoadCols<kCols>(rms_w, vs + kVOutRms * kD + col0);
+    LoadCols<kCols>(gate, vs + kVGateAttn * kD + col0);
+    LoadCols<kCols>(scale1, vs + kVScaleMlp * kD + col0);
+    LoadCols<kCols>(shift, vs + kVShiftMlp * kD + col0);
     for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
       const int r = warp * S::kRowsPerWarp + rr;
       float v[kCols], x[kCols];
@@ -359,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
 #pragma unroll
       for (int n = 0; n < kNT; ++n) {
         const int col = (warp * kNT + n) * 8 + 2 * t;
-        const float b0 = __ldg(w.up_b + fc * kD + col), b1 = __ldg(w.up_b + fc * kD + col + 1);
+        const float b0 = up_b_base[fc * kD + col], b1 = up_b_base[fc * kD + col + 1];
 #pragma unroll
         for (int m = 0; m < kMT; ++m) {
           Store2(hs + (16 * m + g) * kAs + col, Silu<P>(acc[m][n][0] + b0),
@@ -376,8 +417,8 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
       const int col = (warp * kNT + n) * 8 + 2 * t;
-      const float b0 = __ldg(w.down_b + col), b1 = __ldg(w.down_b + col + 1);
-      const float g0 = mod[5 * kD + col], g1 = mod[5 * kD + col + 1];
+      const float b0 = vs[kVDownB * kD + col], b1 = vs[kVDownB * kD + col + 1];
+      const float g0 = vs[kVGateMlp * kD + col], g1 = vs[kVGateMlp * kD + col + 1];
 #pragma unroll
       for (int m = 0; m < kMT; ++m) {
         float* x0 = xs + (16 * m + g) * kXs + col;
@@ -401,13 +442,10 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
   }
 
   if (p.qkv_layer >= 0) {
-    const StreamWeightsDev& w = p.weights[p.qkv_layer * 2 + tile.stream];
-    const float* mod =
-        p.mod + ((size_t)(tile.sample * p.num_layers + p.qkv_layer) * 2 + tile.stream) * 6 * kD;
     {
       float scale1[kCols], shift[kCols];
-      LoadScale<kCols>(scale1, mod + col0);
-      LoadCols<kCols>(shift, mod + kD + col0);
+      LoadCols<kCols>(scale1, vs + kVScaleAttn * kD + col0);
+      LoadCols<kCols>(shift, vs + kVShiftAttn * kD + col0);
       for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
         const int r = warp * S::kRowsPerWarp + rr;
         float x[kCols];
@@ -420,10 +458,10 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
     for (int c = 0; c < 3; ++c) {
       ZeroAcc(acc);
       WarpGemm<P, kD, kMT>(acc, as, frags, qkv_d(c), c < 2 ? qkv_d(c + 1) : none);
-      StoreAcc<kMT, kNT, kXs>(ss, acc, w.qkv_b + c * kD, warp);
+      StoreAcc<kMT, kNT, kXs>(ss, acc, vs + (kVQkvB + c) * kD, warp);
       __syncthreads();
       float qk_w[kCols];
-      if (c < 2) LoadCols<kCols>(qk_w, (c == 0 ? w.rms_q : w.rms_k) + col0);
+      if (c < 2) LoadCols<kCols>(qk_w, vs + (c == 0 ? kVRmsQ : kVRmsK) * kD + col0);
       for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
         const int r = warp * S::kRowsPerWarp + rr;
         if (r >= rows) break;  // warp-uniform
@@ -445,9 +483,13 @@ absl::Status LaunchRowT(const RowParams& params, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   constexpr size_t kSmem = RowShape<P, kD, kMT>::kSmemBytes;
   const void* func = reinterpret_cast<const void*>(&RowKernel<P, kD, kMT>);
-  if (absl::Status s = AllowDynamicSmem(func, kSmem, smem_set); !s.ok()) return s;
+  // The limit is raised once, to what the largest staged F needs; a launch asks for its own.
+  if (absl::Status s = AllowDynamicSmem(func, kSmem + VectorBytes(kD, kMaxStagedFF), smem_set);
+      !s.ok()) {
+    return s;
+  }
   CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernel<P, kD, kMT>, dim3(params.num_tiles), dim3(kThreads),
-                                 kSmem, stream, params));
+                                 kSmem + VectorBytes(kD, params.dim_ff), stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
