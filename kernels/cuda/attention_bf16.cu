@@ -26,6 +26,7 @@ using bf16 = __nv_bfloat16;
 constexpr int kStageKeys = 256;
 constexpr int kKeyBlock = 64;
 constexpr int kRowStride = 24;  // bf16 per staged row: 48 bytes, conflict-free for ldmatrix
+constexpr float kLazyLog2 = 8.0f;  // see the lazy maximum in the key loop
 
 struct StageBuffers {
   bf16 k[2][kStageKeys * kRowStride];
@@ -119,7 +120,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   uint32_t qa[4];
   LoadQuery(p, it, warp, qa);
 
-  float m0 = -INFINITY, m1 = -INFINITY;
+  float m0 = -INFINITY, m1 = -INFINITY;  // softmax offsets of rows g, g + 8 (raw scores)
+  float b0 = 0.0f, b1 = 0.0f;             // the same times scale_log2 (0 while -inf)
+  const float lazy = kLazyLog2 / p.scale_log2;
   float o[2][4] = {};
   float osum[4] = {};  // row sums of P: rows g (0, 1) and g + 8 (2, 3)
   while (true) {
@@ -197,23 +200,31 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
       }
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      const float b0 = mn0 == -INFINITY ? 0.0f : mn0 * p.scale_log2;
-      const float b1 = mn1 == -INFINITY ? 0.0f : mn1 * p.scale_log2;
-      const float al0 = Exp2(m0 * p.scale_log2 - b0), al1 = Exp2(m1 * p.scale_log2 - b1);
-      m0 = mn0;
-      m1 = mn1;
+      // Lazy maximum: the offset m moves (and o, l are rescaled) only when a row's block maximum
+      // exceeds it by more than kLazyLog2 in exp2 units, decided for the whole warp. Skipped,
+      // the exponentials stay below 2^kLazyLog2, far inside bf16 and fp32 range, and o / l does
+      // not depend on the offset.
+      if (__any_sync(0xffffffffu, mx0 > m0 + lazy || mx1 > m1 + lazy)) {
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float nb0 = mn0 == -INFINITY ? 0.0f : mn0 * p.scale_log2;
+        const float nb1 = mn1 == -INFINITY ? 0.0f : mn1 * p.scale_log2;
+        const float al0 = Exp2(m0 * p.scale_log2 - nb0), al1 = Exp2(m1 * p.scale_log2 - nb1);
+        m0 = mn0;
+        m1 = mn1;
+        b0 = nb0;
+        b1 = nb1;
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        o[n][0] *= al0;
-        o[n][1] *= al0;
-        o[n][2] *= al1;
-        o[n][3] *= al1;
+        for (int n = 0; n < 2; ++n) {
+          o[n][0] *= al0;
+          o[n][1] *= al0;
+          o[n][2] *= al1;
+          o[n][3] *= al1;
+        }
+        osum[0] *= al0;
+        osum[1] *= al0;
+        osum[2] *= al1;
+        osum[3] *= al1;
       }
-      osum[0] *= al0;
-      osum[1] *= al0;
-      osum[2] *= al1;
-      osum[3] *= al1;
       // Exponentials in fp32, packed to bf16 as P's A operand (ex2.approx.bf16x2 is two MUFU
       // operations and a PRMT in SASS: no cheaper). Row sums come from the tensor cores as P
       // times a column of ones.
@@ -261,6 +272,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       }
       if (has_next) LoadQuery(p, next, warp, qa);
       m0 = m1 = -INFINITY;
+      b0 = b1 = 0.0f;
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[0][e] = o[1][e] = osum[e] = 0.0f;
     }
