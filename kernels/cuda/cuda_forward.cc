@@ -16,6 +16,7 @@ namespace mmdit {
 
 using cuda::AttnTile;
 using cuda::Precision;
+using cuda::RowGroup;
 using cuda::RowTile;
 using cuda::SampleInfo;
 using cuda::StreamWeightsDev;
@@ -122,6 +123,28 @@ std::vector<uint16_t> PackWgmmaChunks(const StreamWeights& w, int d, int f) {
   return out;
 }
 
+// The work list of the wgmma row kernel, whose CTAs (one per SM, `ctas` of them) take groups
+// c, c + ctas, ...: as many full rounds of three-tile groups as the tiles fill, then the rest in
+// groups of ceil(rest / ctas), so that the last round spreads over every SM instead of leaving
+// most of them idle (B = 64: 256 tiles in 128 groups of two rather than 86 of three). A group
+// never spans the x and the context streams (tiles [0, num_x) and [num_x, num_tiles)).
+std::vector<RowGroup> MakeRowGroups(int num_x, int num_tiles, int ctas) {
+  const int full_groups = num_tiles / (3 * ctas) * ctas;
+  const int rest = num_tiles - 3 * full_groups;
+  const int tail = rest == 0 ? 3 : CeilDiv(rest, ctas);
+  std::vector<RowGroup> groups;
+  for (int stream = 0; stream < 2; ++stream) {
+    const int end = stream == 0 ? num_x : num_tiles;
+    for (int t = stream == 0 ? 0 : num_x; t < end;) {
+      const int size =
+          std::min(static_cast<int>(groups.size()) < full_groups ? 3 : tail, end - t);
+      groups.push_back(RowGroup{t, size, stream, 0});
+      t += size;
+    }
+  }
+  return groups;
+}
+
 // A host image of a device allocation: chunks appended at aligned offsets.
 struct Blob {
   std::vector<uint8_t> bytes;
@@ -181,8 +204,8 @@ class CudaForwardImpl {
   size_t max_mask_words = 0;
 
   // Staging: one pinned host block mirrored by one device block with the same section offsets.
-  size_t off_samples = 0, off_row_tiles = 0, off_attn_tiles = 0, off_y = 0, off_mask = 0,
-         off_x = 0, io_bytes = 0;
+  size_t off_samples = 0, off_row_tiles = 0, off_row_groups = 0, off_attn_tiles = 0, off_y = 0,
+         off_mask = 0, off_x = 0, io_bytes = 0;
   uint8_t* host_io = nullptr;
   uint8_t* dev_io = nullptr;
   float* d_act = nullptr;
@@ -193,7 +216,8 @@ class CudaForwardImpl {
   void* d_attn = nullptr;
 
   // The staged batch.
-  int batch = 0, num_tokens = 0, num_row_tiles = 0, num_x_row_tiles = 0, num_attn_tiles = 0;
+  int batch = 0, num_tokens = 0, num_row_tiles = 0, num_x_row_tiles = 0, num_row_groups = 0,
+      num_attn_tiles = 0;
   int tile_rows = 64, tile_queries = 128;
   bool use_wgmma = false;
 };
@@ -311,7 +335,8 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
       static_cast<int64_t>(mb) * (ml + 2) * wl, options.max_mask_bytes / 4));
   off_samples = 0;
   off_row_tiles = AlignUp(off_samples + sizeof(SampleInfo) * mb);
-  off_attn_tiles = AlignUp(off_row_tiles + sizeof(RowTile) * max_row_tiles);
+  off_row_groups = AlignUp(off_row_tiles + sizeof(RowTile) * max_row_tiles);
+  off_attn_tiles = AlignUp(off_row_groups + sizeof(RowGroup) * max_row_tiles);
   off_y = AlignUp(off_attn_tiles + sizeof(AttnTile) * max_attn_tiles);
   off_mask = AlignUp(off_y + sizeof(float) * mb * d);
   off_x = AlignUp(off_mask + sizeof(uint32_t) * max_mask_words);
@@ -444,6 +469,13 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   };
   CUDA_RETURN_IF_ERROR(copy(off_samples, sizeof(SampleInfo) * batch));
   CUDA_RETURN_IF_ERROR(copy(off_row_tiles, sizeof(RowTile) * nrt));
+  num_row_groups = 0;
+  if (d_wgmma_images != nullptr && tile_rows == 64) {
+    const std::vector<RowGroup> groups = MakeRowGroups(num_x_row_tiles, nrt, num_sms);
+    num_row_groups = static_cast<int>(groups.size());
+    std::memcpy(host_io + off_row_groups, groups.data(), sizeof(RowGroup) * groups.size());
+    CUDA_RETURN_IF_ERROR(copy(off_row_groups, sizeof(RowGroup) * groups.size()));
+  }
   CUDA_RETURN_IF_ERROR(copy(off_attn_tiles, sizeof(AttnTile) * nat));
   CUDA_RETURN_IF_ERROR(copy(off_y, sizeof(float) * batch * d));
   if (mw) CUDA_RETURN_IF_ERROR(copy(off_mask, sizeof(uint32_t) * mw));
@@ -482,6 +514,8 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.dim_ff = config.dim_feedforward;
   rp.rope = d_rope;
   rp.num_x_tiles = num_x_row_tiles;
+  rp.groups = reinterpret_cast<const RowGroup*>(dev_io + off_row_groups);
+  rp.num_groups = num_row_groups;
   rp.num_sms = num_sms;
   rp.wgmma_images = d_wgmma_images;
 

@@ -59,6 +59,15 @@ struct RowTile {
   int rows;
 };
 
+// A group of consecutive row tiles of one stream, processed together by one CTA of the wgmma row
+// kernel (one tile per warpgroup, up to three).
+struct RowGroup {
+  int first;   // first tile
+  int count;   // 1 to 3
+  int stream;  // 0: x, 1: context
+  int pad;
+};
+
 struct AttnTile {
   int sample;
   int q0;  // first joint query row
@@ -113,6 +122,8 @@ struct RowParams {
   int qkv_layer;                    // -1: none
   const float2* rope;               // [max_seq_len][kHeadDim / 2] (cos, sin) of pos * inv_freq
   int num_x_tiles;                  // tiles [0, num_x_tiles) are x-stream tiles
+  const RowGroup* groups;           // the wgmma kernel's work: CTA c takes groups c, c + grid, ...
+  int num_groups;
   int num_sms;                      // the wgmma kernel's grid: at most one CTA per SM
   // bf16, D = 128, 64-row tiles: the images of the wgmma row kernel ([N][2][chunks]); null:
   // the mma.sync kernel.

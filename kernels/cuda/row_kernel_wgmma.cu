@@ -251,15 +251,10 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
   const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
   const int warp = tid >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool has_post = p.post_layer >= 0, has_qkv = p.qkv_layer >= 0;
-  // Groups of three consecutive tiles of one stream (x-stream tiles come first in the list);
-  // this CTA takes groups blockIdx.x, + gridDim.x, ... (the grid is at most one CTA per SM).
-  const int x_groups = (p.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
-  const int num_groups =
-      x_groups + (p.num_tiles - p.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
-  const int rounds = (num_groups - blockIdx.x + gridDim.x - 1) / gridDim.x;
-  auto group_stream = [&](int round) {
-    return static_cast<int>(blockIdx.x + round * gridDim.x) >= x_groups ? 1 : 0;
-  };
+  // This CTA takes groups blockIdx.x, + gridDim.x, ... of the host's list (the grid is at most
+  // one CTA per SM), one round each.
+  const int rounds = (p.num_groups - blockIdx.x + gridDim.x - 1) / gridDim.x;
+  auto group_stream = [&](int round) { return p.groups[blockIdx.x + round * gridDim.x].stream; };
 
   // Each round streams the chunks [out, mlp...] of post_layer, then [q, k, v] of qkv_layer, of
   // its group's stream; `chunk` counts them over all rounds.
@@ -338,11 +333,9 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
 
   int chunk = 0;
   for (int round = 0; round < rounds; ++round) {
-    const int group = blockIdx.x + round * gridDim.x;
-    const int stream = group_stream(round);
-    const int first = stream ? p.num_x_tiles + (group - x_groups) * kWarpgroups
-                             : group * kWarpgroups;
-    if (first + wg >= (stream ? p.num_tiles : p.num_x_tiles)) {
+    const RowGroup group = p.groups[blockIdx.x + round * gridDim.x];
+    const int stream = group.stream;
+    if (wg >= group.count) {
       for (int c = 0; c < per_round; ++c, ++chunk) {
         acquire(chunk);
         release(chunk);
@@ -350,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       continue;
     }
     const float* sv = vec + stream * vec_floats;
-    const RowTile tile = p.tiles[first + wg];
+    const RowTile tile = p.tiles[group.first + wg];
     const SampleInfo si = p.samples[tile.sample];
     const int tok0 = si.tok_off + (stream ? si.seq_len : 0) + tile.row0;
     const int r0 = 16 * warp + g, r1 = r0 + 8;
@@ -576,7 +569,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
 }  // namespace
 
 absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream) {
-  if (params.num_tiles == 0) return absl::OkStatus();
+  if (params.num_tiles == 0 || params.num_groups == 0) return absl::OkStatus();
   if (params.dim_ff % kWgmmaHidden != 0 || params.dim_ff > kMaxDimFF) {
     return absl::UnimplementedError(absl::StrCat("the wgmma row kernel takes dim_feedforward a "
                                                  "multiple of 64 up to 2048; was ",
@@ -586,9 +579,8 @@ absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   const void* func = reinterpret_cast<const void*>(&RowKernelWgmma);
   if (absl::Status s = AllowDynamicSmem(func, SmemBytes(kMaxDimFF), smem_set); !s.ok()) return s;
-  const int groups = (params.num_x_tiles + kWarpgroups - 1) / kWarpgroups +
-                     (params.num_tiles - params.num_x_tiles + kWarpgroups - 1) / kWarpgroups;
-  CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernelWgmma, dim3(min(groups, params.num_sms)), dim3(kThreads),
+  CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernelWgmma, dim3(min(params.num_groups, params.num_sms)),
+                                 dim3(kThreads),
                                  SmemBytes(params.dim_ff), stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
