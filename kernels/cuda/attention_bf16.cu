@@ -169,21 +169,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         for (int h = 0; h < 2; ++h) MmaBf16Zero(s[2 * u + h], qa, kf[2 * h], kf[2 * h + 1]);
       }
       if constexpr (kMode == 2) {
-        const uint64_t vis0 = VisibleWord(mask, it.seq_len, it.num_keys, rr0, kb) |
-                              (uint64_t)VisibleWord(mask, it.seq_len, it.num_keys, rr0, kb + 32)
-                                  << 32;
-        const uint64_t vis1 = VisibleWord(mask, it.seq_len, it.num_keys, rr1, kb) |
-                              (uint64_t)VisibleWord(mask, it.seq_len, it.num_keys, rr1, kb + 32)
-                                  << 32;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + 2 * t + e;
-            if (!((vis0 >> col) & 1u)) s[j][e] = -INFINITY;
-            if (!((vis1 >> col) & 1u)) s[j][2 + e] = -INFINITY;
-          }
-        }
+        MaskScoreBlock(s, mask, it.seq_len, it.num_keys, rr0, rr1, kb, t);
       } else if constexpr (kMode == 1) {
         // Whole 8-key tiles are tested first (warp-uniform), single keys only where needed.
         const int lim = it.num_keys - kb;
@@ -197,17 +183,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
           }
         }
       }
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
-      }
-#pragma unroll
-      for (int off = 1; off < 4; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
+      float mx0, mx1;
+      BlockRowMax(s, mx0, mx1);
       // Lazy maximum: the offset m moves (and o, l are rescaled) only when a row's block maximum
       // exceeds it by more than kLazyLog2 in exp2 units, decided for the whole warp. Skipped,
       // the exponentials stay below 2^kLazyLog2, far inside bf16 and fp32 range, and o / l does
@@ -221,17 +198,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         m1 = mn1;
         b0 = nb0;
         b1 = nb1;
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          o[n][0] *= al0;
-          o[n][1] *= al0;
-          o[n][2] *= al1;
-          o[n][3] *= al1;
-        }
-        osum[0] *= al0;
-        osum[1] *= al0;
-        osum[2] *= al1;
-        osum[3] *= al1;
+        ScaleRows(o, al0, al1);
+        ScaleRows(osum, al0, al1);
       }
       // Exponentials in fp32, packed to bf16 as P's A operand (ex2.approx.bf16x2 is two MUFU
       // operations and a PRMT in SASS: no cheaper). Row sums come from the tensor cores as P

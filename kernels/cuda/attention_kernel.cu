@@ -137,31 +137,10 @@ __global__ void __launch_bounds__(256, P == Precision::kBf16 ? 3 : 1)
     }
     // Unmasked full blocks (almost all of them without a mask) skip the visibility bits.
     if (mask != nullptr || kb + kKeyBlock > num_keys) {
-      const uint64_t vis0 = VisibleWord(mask, L, num_keys, rr0, kb) |
-                            (uint64_t)VisibleWord(mask, L, num_keys, rr0, kb + 32) << 32;
-      const uint64_t vis1 = VisibleWord(mask, L, num_keys, rr1, kb) |
-                            (uint64_t)VisibleWord(mask, L, num_keys, rr1, kb + 32) << 32;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * j + 2 * t + e;
-          if (!((vis0 >> col) & 1u)) s[j][e] = -INFINITY;
-          if (!((vis1 >> col) & 1u)) s[j][2 + e] = -INFINITY;
-        }
-      }
+      MaskScoreBlock(s, mask, L, num_keys, rr0, rr1, kb, t);
     }
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-      mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
-    }
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-    }
+    float mx0, mx1;
+    BlockRowMax(s, mx0, mx1);
     // Raw scores, the scale folded into one FFMA before each exp2.
     const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
     const float b0 = mn0 == -INFINITY ? 0.0f : mn0 * p.scale_log2;
@@ -169,22 +148,13 @@ __global__ void __launch_bounds__(256, P == Precision::kBf16 ? 3 : 1)
     const float al0 = Exp2(m0 * p.scale_log2 - b0), al1 = Exp2(m1 * p.scale_log2 - b1);
     m0 = mn0;
     m1 = mn1;
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      o[n][0] *= al0;
-      o[n][1] *= al0;
-      o[n][2] *= al1;
-      o[n][3] *= al1;
-    }
+    ScaleRows(o, al0, al1);
     if constexpr (P == Precision::kBf16) {
       // Exponentials two at a time in bf16 (ex2.approx.ftz.bf16x2): the packed result is already
       // P's A operand, half the MUFU work of fp32 exp2 and no conversion after it. Row sums come
       // from the tensor cores as P times a column of ones, instead of 32 FADDs per lane per block
       // (the ALU and FMA pipes, not the tensor cores, bound this kernel: 45 % ALU in the profile).
-      osum[0] *= al0;
-      osum[1] *= al0;
-      osum[2] *= al1;
-      osum[3] *= al1;
+      ScaleRows(osum, al0, al1);
       uint32_t pk[8][2];
 #pragma unroll
       for (int j = 0; j < 8; ++j) {

@@ -150,6 +150,22 @@ __device__ __forceinline__ float SiluOfHalf(float h) {
 // The ks-th k16 step of an A operand holds columns 16ks..16ks+15: tiles j = 2ks (a[0], a[1]) and
 // 2ks + 1 (a[2], a[3]).
 
+// v += this thread's residual rows, kept in shared memory (Quad(m, row) at
+// resid[(2m + row) * 128]); each sum also goes to sink(m, row, sum) as it is made.
+template <typename Sink>
+__device__ __forceinline__ void AddResidual(float (&v)[64], const float4* resid, Sink sink) {
+#pragma unroll
+  for (int m = 0; m < 8; ++m) {
+#pragma unroll
+    for (int row = 0; row < 2; ++row) {
+      const float4 x = resid[(2 * m + row) * 128], q = Quad(v, m, row);
+      const float4 y = make_float4(x.x + q.x, x.y + q.y, x.z + q.z, x.w + q.w);
+      SetQuad(v, m, row, y);
+      sink(m, row, y);
+    }
+  }
+}
+
 // Sums over the 16 column tiles of this thread's two rows (e < 2: row r0, else r1) of f(value),
 // in two independent partial sums (one chain of 16 dependent adds is a latency the three warps
 // per scheduler cannot hide; four partial sums spill), then over the quad.
@@ -397,17 +413,19 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       warpgroup_sync();
     }
 
+    // acc = a x the next chunk (N = 128, K = 128), waited for; the chunk is released.
+    auto gemm_n128 = [&] {
+      const uint8_t* b = acquire(chunk);
+      WgmmaFence();
+      IssueGemm<128, 8>(acc, a, b, false);
+      WgmmaCommit();
+      WgmmaWaitAll();
+      FenceRegs(acc);
+      FenceRegs(a);
+      release(chunk++);
+    };
     if (has_post) {
-      {
-        const uint8_t* b = acquire(chunk);
-        WgmmaFence();
-        IssueGemm<128, 8>(acc, a, b, false);
-        WgmmaCommit();
-        WgmmaWaitAll();
-        FenceRegs(acc);
-        FenceRegs(a);
-        release(chunk++);
-      }
+      gemm_n128();
       // Output projection + RMSNorm, gated residual (kept in shared memory for the MLP's); the
       // RMSNorm weight is folded into the gate.
       float rn0, rn1;
@@ -422,16 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
         acc[4 * j + 3] *= rn1 * gate.y;
         LimitHoisting(j);
       }
-#pragma unroll
-      for (int m = 0; m < 8; ++m) {
-#pragma unroll
-        for (int row = 0; row < 2; ++row) {
-          const float4 x = resid[(2 * m + row) * 128], v = Quad(acc, m, row);
-          const float4 y = make_float4(x.x + v.x, x.y + v.y, x.z + v.z, x.w + v.w);
-          SetQuad(acc, m, row, y);
-          resid[(2 * m + row) * 128] = y;
-        }
-      }
+      AddResidual(acc, resid, [&](int m, int row, float4 y) { resid[(2 * m + row) * 128] = y; });
       LayerNormToA(acc, mod + kScaleMlp, mod + kShiftMlp, t, a);
 
       // MLP, kWgmmaHidden hidden units per chunk: up (N = 64) -> SiLU -> A operand -> down
@@ -476,18 +485,11 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
         acc[4 * j + 3] = (acc[4 * j + 3] + bb.y) * gate.y;
         LimitHoisting(j);
       }
-#pragma unroll
-      for (int m = 0; m < 8; ++m) {
-#pragma unroll
-        for (int row = 0; row < 2; ++row) {
-          const float4 x = resid[(2 * m + row) * 128], v = Quad(acc, m, row);
-          const float4 y = make_float4(x.x + v.x, x.y + v.y, x.z + v.z, x.w + v.w);
-          SetQuad(acc, m, row, y);
-          if (p.x_dst != nullptr && (row == 0 ? ok0 : ok1)) {
-            *reinterpret_cast<float4*>(p.x_dst + (row == 0 ? off0 : off1) + 16 * m + 4 * t) = y;
-          }
+      AddResidual(acc, resid, [&](int m, int row, float4 y) {
+        if (p.x_dst != nullptr && (row == 0 ? ok0 : ok1)) {
+          *reinterpret_cast<float4*>(p.x_dst + (row == 0 ? off0 : off1) + 16 * m + 4 * t) = y;
         }
-      }
+      });
     } else {
       asm volatile("cp.async.wait_all;\n" ::: "memory");
 #pragma unroll
@@ -505,14 +507,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       // q, k, v: one GEMM each, then bias (+ RMSNorm and RoPE for q and k) and the store.
       auto pass = [&](auto which) {
         constexpr int c = decltype(which)::value;
-        const uint8_t* b = acquire(chunk);
-        WgmmaFence();
-        IssueGemm<128, 8>(acc, a, b, false);
-        WgmmaCommit();
-        WgmmaWaitAll();
-        FenceRegs(acc);
-        FenceRegs(a);
-        release(chunk++);
+        gemm_n128();
         if constexpr (c < 2) {
           BiasRmsNorm(acc, sv + kQkvB + c * kD, sv + (c == 0 ? kRmsQ : kRmsK), t);
           if (stream == 0) {
