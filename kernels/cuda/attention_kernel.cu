@@ -1,13 +1,11 @@
-// Joint attention for head dim 16 and the adaLN modulation of all layers.
+// Joint attention for head dim 16, one CTA per (query tile, head): the fp32-accurate mode's
+// kernel, and bf16's comparison kernel (attention_bf16.cu has bf16's default).
 //
-// Attention: one CTA per (query tile of one sample, head); each warp owns 16 queries and streams
+// Each warp owns 16 queries and streams
 // every key of the sample (x keys, then context keys) in blocks of 64 through shared memory with
 // an online softmax in exp2 (the Dh^-0.5 * log2 e scale folded in). With Dh = 16, Q K^T is one
 // k-step of the tensor cores per 8 keys and the scores stay in registers, where their
 // accumulator layout is the A operand of P V (FlashAttention-2's trick). The mask travels as bits.
-//
-// adaLN: one GEMV per (layer, stream) for 16 samples at a time, so each weight is read from L2
-// once per 16 samples; in float32 in both modes (it is 0.1 % of the FLOPs).
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/forward_kernels.h"
 #include "kernels/cuda/attention_common.cuh"
@@ -229,62 +227,6 @@ __global__ void __launch_bounds__(256, P == Precision::kBf16 ? 3 : 1)
   }
 }
 
-constexpr int kAdaLnSamples = 16;
-constexpr int kAdaLnOutputs = 128;  // outputs (threads) per CTA
-
-// One thread per output j of one (layer, stream) for up to 16 samples. The first version looped
-// a 256-thread CTA over all 6D outputs: 24 CTAs at B = 1, 67 us, bound by the latency of its
-// serial weight loads; this grid has 6x the CTAs and 8 to 32 loads in flight per thread.
-__global__ void __launch_bounds__(kAdaLnOutputs) AdaLnKernel(const AdaLnParams p) {
-  extern __shared__ __align__(16) float silu_y[];  // [D][kAdaLnSamples]: 4 float4 per weight
-  LaunchDependents();
-  const int ls = blockIdx.x;         // layer * 2 + stream
-  const int j = blockIdx.y * kAdaLnOutputs + threadIdx.x;
-  const int b0 = blockIdx.z * kAdaLnSamples;
-  const int d = p.dim, n6 = 6 * p.dim;
-  const int ns = min(kAdaLnSamples, p.batch - b0);
-  for (int i = threadIdx.x; i < kAdaLnSamples * d; i += blockDim.x) {
-    const int s = i / d, k = i % d;
-    const float y = s < ns ? p.y[(size_t)(b0 + s) * d + k] : 0.0f;
-    silu_y[k * kAdaLnSamples + s] = y / (1.0f + expf(-y));
-  }
-  __syncthreads();
-  if (j >= n6) return;
-  const float* w = p.w_t + (size_t)ls * d * n6 + j;
-  const float bias = p.b[(size_t)ls * n6 + j];
-  float* out = p.mod + ((size_t)b0 * p.num_layers * 2 + ls) * n6 + j;
-  const size_t out_stride = (size_t)p.num_layers * 2 * n6;
-  if (ns == 1) {
-    float acc = 0.0f;
-#pragma unroll 32
-    for (int kk = 0; kk < d; ++kk) {
-      acc = fmaf(__ldg(w + (size_t)kk * n6), silu_y[kk * kAdaLnSamples], acc);
-    }
-    out[0] = acc + bias;
-    return;
-  }
-  float acc[kAdaLnSamples];
-#pragma unroll
-  for (int s = 0; s < kAdaLnSamples; ++s) acc[s] = 0.0f;
-#pragma unroll 8
-  for (int kk = 0; kk < d; ++kk) {
-    const float wv = __ldg(w + (size_t)kk * n6);
-    const float4* sy = reinterpret_cast<const float4*>(silu_y + kk * kAdaLnSamples);
-#pragma unroll
-    for (int q = 0; q < kAdaLnSamples / 4; ++q) {
-      const float4 v = sy[q];  // a broadcast: every thread reads the same 16 bytes
-      acc[4 * q] = fmaf(wv, v.x, acc[4 * q]);
-      acc[4 * q + 1] = fmaf(wv, v.y, acc[4 * q + 1]);
-      acc[4 * q + 2] = fmaf(wv, v.z, acc[4 * q + 2]);
-      acc[4 * q + 3] = fmaf(wv, v.w, acc[4 * q + 3]);
-    }
-  }
-#pragma unroll
-  for (int s = 0; s < kAdaLnSamples; ++s) {
-    if (s < ns) out[s * out_stride] = acc[s] + bias;
-  }
-}
-
 }  // namespace
 
 absl::Status LaunchAttention(const AttentionParams& params, Precision precision,
@@ -303,16 +245,6 @@ absl::Status LaunchAttention(const AttentionParams& params, Precision precision,
     CUDA_RETURN_IF_ERROR(
         LaunchPdl(AttentionKernel<Precision::kFp32>, grid, dim3(threads), 0, stream, params));
   }
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return absl::OkStatus();
-}
-
-absl::Status LaunchAdaLn(const AdaLnParams& params, cudaStream_t stream) {
-  if (params.batch == 0) return absl::OkStatus();
-  const dim3 grid(params.num_layers * 2, (6 * params.dim + kAdaLnOutputs - 1) / kAdaLnOutputs,
-                  (params.batch + kAdaLnSamples - 1) / kAdaLnSamples);
-  const size_t smem = sizeof(float) * kAdaLnSamples * params.dim;
-  AdaLnKernel<<<grid, kAdaLnOutputs, smem, stream>>>(params);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

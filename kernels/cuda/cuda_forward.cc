@@ -194,7 +194,7 @@ class CudaForwardImpl {
 
   // Weights.
   const StreamWeightsDev* d_stream_weights = nullptr;
-  const float* d_adaln_wt = nullptr;
+  const float* d_adaln_w = nullptr;
   const float* d_adaln_b = nullptr;
   const float2* d_rope = nullptr;
   const void* d_wgmma_images = nullptr;  // bf16, D = 128 on compute capability 9.0
@@ -280,7 +280,27 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
       }
     }
   }
-  const size_t off_adaln_wt = blob.AddFloats(adaln_wt);
+  // adaLN: bf16 takes all layers' weights as one [N * 2 * 6D][D] matrix in fragment order,
+  // split into bf16 hi and lo parts (hi fragments, then lo); fp32 the transposed float copy.
+  size_t off_adaln_wt = 0;
+  if (precision == Precision::kBf16) {
+    std::vector<float> hi, lo;
+    hi.reserve(static_cast<size_t>(2 * n) * 6 * d * d);
+    for (int l = 0; l < n; ++l) {
+      for (const StreamWeights* w : {&weights.layers[l].x, &weights.layers[l].context}) {
+        for (float v : w->adaln_w) {
+          hi.push_back(Bf16ToFloat(FloatToBf16(v)));
+          lo.push_back(v - hi.back());
+        }
+      }
+    }
+    std::vector<uint8_t> frags = PackFragments(hi, 2 * n * 6 * d, d, precision);
+    const std::vector<uint8_t> lo_frags = PackFragments(lo, 2 * n * 6 * d, d, precision);
+    frags.insert(frags.end(), lo_frags.begin(), lo_frags.end());
+    off_adaln_wt = blob.Add(frags.data(), frags.size());
+  } else {
+    off_adaln_wt = blob.AddFloats(adaln_wt);
+  }
   const size_t off_adaln_b = blob.AddFloats(adaln_b);
   const size_t off_streams = blob.Add(nullptr, sizeof(StreamWeightsDev) * 2 * n);
   const size_t off_wgmma = blob.Add(wgmma_images.data(), wgmma_images.size() * 2);
@@ -302,7 +322,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
                                   cudaMemcpyHostToDevice));
   d_stream_weights = reinterpret_cast<const StreamWeightsDev*>(base + off_streams);
   if (use_wgmma) d_wgmma_images = base + off_wgmma;
-  d_adaln_wt = reinterpret_cast<const float*>(base + off_adaln_wt);
+  d_adaln_w = reinterpret_cast<const float*>(base + off_adaln_wt);  // bf16: fragments
   d_adaln_b = reinterpret_cast<const float*>(base + off_adaln_b);
   {
     // RoPE (cos, sin) for every position the config allows: the angle in float32 as the
@@ -491,7 +511,8 @@ absl::Status CudaForwardImpl::RunStaged() {
 
   cuda::AdaLnParams ap{};
   ap.y = reinterpret_cast<const float*>(dev_io + off_y);
-  ap.w_t = d_adaln_wt;
+  ap.w_t = precision == Precision::kFp32 ? d_adaln_w : nullptr;
+  ap.w_frag = precision == Precision::kBf16 ? static_cast<const void*>(d_adaln_w) : nullptr;
   ap.b = d_adaln_b;
   ap.mod = d_mod;
   ap.batch = batch;

@@ -92,7 +92,9 @@ struct StreamWeightsDev {
 // mod[b][layer][stream][6][D] = adaLN(silu(y_b)).
 struct AdaLnParams {
   const float* y;        // [B][D]
-  const float* w_t;      // [N][2][D][6D]: transposed so that threads read along 6D
+  const float* w_t;      // [N][2][D][6D]: transposed so that threads read along 6D (fp32)
+  const void* w_frag;    // bf16: the same as [N * 2 * 6D][D] bf16 hi then lo parts, in mma
+                         // fragment order; null: fp32
   const float* b;        // [N][2][6D]
   float* mod;            // [B][N][2][6D]
   int batch;
