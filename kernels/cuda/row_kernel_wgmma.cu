@@ -124,13 +124,6 @@ __device__ __forceinline__ void SetQuad(float (&v)[64], int m, int row, float4 q
   v[8 * m + 5 + e] = q.w;
 }
 
-// In the epilogue loops over the 16 column tiles: keeps the compiler from hoisting every
-// shared-memory load of the loop ahead of the arithmetic, which needs 64 more registers than
-// the kernel has (168 at three warpgroups per SM) and spills.
-__device__ __forceinline__ void LimitHoisting(int j) {
-  if ((j & 3) == 3) asm volatile("" ::: "memory");
-}
-
 __device__ __forceinline__ float QuadSum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   v += __shfl_xor_sync(0xffffffffu, v, 2);
@@ -201,7 +194,6 @@ __device__ __forceinline__ void LayerNormToA(const float (&v)[64], const float* 
                                      fmaf(fmaf(v[4 * j + 1], rs0, n0), sc.y, sh.y));
     a[j / 2][2 * (j & 1) + 1] = PackBf16(fmaf(fmaf(v[4 * j + 2], rs1, n1), sc.x, sh.x),
                                          fmaf(fmaf(v[4 * j + 3], rs1, n1), sc.y, sh.y));
-    LimitHoisting(j);
   }
 }
 
@@ -215,7 +207,6 @@ __device__ __forceinline__ void BiasRms(float (&v)[64], const float* bias, int t
     v[4 * j + 1] += b.y;
     v[4 * j + 2] += b.x;
     v[4 * j + 3] += b.y;
-    LimitHoisting(j);
   }
   float s0, s1;
   RowSums(v, [](float x) { return x * x; }, s0, s1);
@@ -235,7 +226,6 @@ __device__ __forceinline__ void BiasRmsNorm(float (&v)[64], const float* bias, c
     v[4 * j + 1] *= r0 * ww.y;
     v[4 * j + 2] *= r1 * ww.x;
     v[4 * j + 3] *= r1 * ww.y;
-    LimitHoisting(j);
   }
 }
 
@@ -438,7 +428,6 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
         acc[4 * j + 1] *= rn0 * gate.y;
         acc[4 * j + 2] *= rn1 * gate.x;
         acc[4 * j + 3] *= rn1 * gate.y;
-        LimitHoisting(j);
       }
       AddResidual(acc, resid, [&](int m, int row, float4 y) { resid[(2 * m + row) * 128] = y; });
       LayerNormToA(acc, mod + kScaleMlp, mod + kShiftMlp, t, a);
@@ -483,7 +472,6 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
         acc[4 * j + 1] = (acc[4 * j + 1] + bb.y) * gate.y;
         acc[4 * j + 2] = (acc[4 * j + 2] + bb.x) * gate.x;
         acc[4 * j + 3] = (acc[4 * j + 3] + bb.y) * gate.y;
-        LimitHoisting(j);
       }
       AddResidual(acc, resid, [&](int m, int row, float4 y) {
         if (p.x_dst != nullptr && (row == 0 ? ok0 : ok1)) {
