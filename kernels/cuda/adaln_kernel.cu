@@ -92,13 +92,13 @@ __global__ void __launch_bounds__(kMmaThreads) AdaLnMmaKernel(const AdaLnParams 
 constexpr int kAdaLnSamples = 16;
 constexpr int kAdaLnOutputs = 128;  // outputs (threads) per CTA
 
-// fp32: one thread per output j of one (layer, stream) for up to 16 samples. The first version looped
-// a 256-thread CTA over all 6D outputs: 24 CTAs at B = 1, 67 us, bound by the latency of its
+// fp32: one thread per output j of one (layer, stream) for up to 16 samples. The first version
+// looped a 256-thread CTA over all 6D outputs: 24 CTAs at B = 1, 67 us, bound by the latency of its
 // serial weight loads; this grid has 6x the CTAs and 8 to 32 loads in flight per thread.
 __global__ void __launch_bounds__(kAdaLnOutputs) AdaLnKernel(const AdaLnParams p) {
   extern __shared__ __align__(16) float silu_y[];  // [D][kAdaLnSamples]: 4 float4 per weight
   LaunchDependents();
-  const int ls = blockIdx.x;         // layer * 2 + stream
+  const int ls = blockIdx.x;  // layer * 2 + stream
   const int j = blockIdx.y * kAdaLnOutputs + threadIdx.x;
   const int b0 = blockIdx.z * kAdaLnSamples;
   const int d = p.dim, n6 = 6 * p.dim;
@@ -152,8 +152,7 @@ absl::Status LaunchAdaLn(const AdaLnParams& params, cudaStream_t stream) {
   const int n_total = params.num_layers * 2 * 6 * params.dim;
   if (params.w_frag != nullptr) {
     if ((params.dim != 64 && params.dim != 128) || n_total % kMmaColumns != 0) {
-      return absl::UnimplementedError(
-          absl::StrCat("no bf16 adaLN kernel for dim ", params.dim));
+      return absl::UnimplementedError(absl::StrCat("no bf16 adaLN kernel for dim ", params.dim));
     }
     const dim3 grid(n_total / kMmaColumns, (params.batch + kMmaSamples - 1) / kMmaSamples);
     if (params.dim == 128) {

@@ -25,7 +25,7 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kStageKeys = 256;
 constexpr int kKeyBlock = 64;
-constexpr int kRowStride = 24;  // bf16 per staged row: 48 bytes, conflict-free for ldmatrix
+constexpr int kRowStride = 24;     // bf16 per staged row: 48 bytes, conflict-free for ldmatrix
 constexpr float kLazyLog2 = 8.0f;  // see the lazy maximum in the key loop
 
 struct StageBuffers {
@@ -48,8 +48,8 @@ struct Item {
 __device__ __forceinline__ Item DecodeItem(const AttentionParams& p, int index, int log2_heads) {
   const AttnTile tile = p.tiles[index >> log2_heads];
   const SampleInfo si = p.samples[tile.sample];
-  return Item{index & ((1 << log2_heads) - 1), tile.q0, si.tok_off, si.seq_len,
-              si.seq_len + si.ctx_len, si.mask_off};
+  return Item{index & ((1 << log2_heads) - 1), tile.q0,    si.tok_off, si.seq_len,
+              si.seq_len + si.ctx_len,         si.mask_off};
 }
 
 __device__ __forceinline__ void CpAsyncWaitPrior() {
@@ -113,8 +113,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   // ldmatrix row addresses of this lane within a 16-key group: K (keys x dims, not transposed)
   // and V (transposed), see the fragment layouts in mma.cuh.
-  const uint32_t k_lane = 2 * ((((lane >> 4) << 3) + (lane & 7)) * kRowStride + (((lane >> 3) & 1) << 3));
-  const uint32_t v_lane = 2 * (((((lane >> 3) & 1) << 3) + (lane & 7)) * kRowStride + ((lane >> 4) << 3));
+  const uint32_t k_lane =
+      2 * ((((lane >> 4) << 3) + (lane & 7)) * kRowStride + (((lane >> 3) & 1) << 3));
+  const uint32_t v_lane =
+      2 * (((((lane >> 3) & 1) << 3) + (lane & 7)) * kRowStride + ((lane >> 4) << 3));
 
   const int log2_heads = __ffs(p.dim / kHeadDim) - 1;
   int index = begin, st = 0, buf = 0;
@@ -126,7 +128,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   LoadQuery(p, it, warp, qa);
 
   float m0 = -INFINITY, m1 = -INFINITY;  // softmax offsets of rows g, g + 8 (raw scores)
-  float b0 = 0.0f, b1 = 0.0f;             // the same times scale_log2 (0 while -inf)
+  float b0 = 0.0f, b1 = 0.0f;            // the same times scale_log2 (0 while -inf)
   const float lazy = kLazyLog2 / p.scale_log2;
   float o[2][4] = {};
   float osum[4] = {};  // row sums of P: rows g (0, 1) and g + 8 (2, 3)
@@ -226,7 +228,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     if (active) {
       const int kend = min(it.num_keys, kstage + kStageKeys);
       if (mask != nullptr) {
-        for (int kb = kstage; kb < kend; kb += kKeyBlock) block(kb, std::integral_constant<int, 2>{});
+        for (int kb = kstage; kb < kend; kb += kKeyBlock)
+          block(kb, std::integral_constant<int, 2>{});
       } else {
         int kb = kstage;
         for (; kb + kKeyBlock <= kend; kb += kKeyBlock) block(kb, std::integral_constant<int, 0>{});
@@ -273,8 +276,8 @@ absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream
   }
   const int items = params.num_tiles * (params.dim / kHeadDim);
   const int grid = min(items, per_sm * params.num_sms);
-  CUDA_RETURN_IF_ERROR(
-      LaunchPdl(AttentionBf16Kernel<kWarps, kMinBlocks>, dim3(grid), dim3(kWarps * 32), 0, stream, params));
+  CUDA_RETURN_IF_ERROR(LaunchPdl(AttentionBf16Kernel<kWarps, kMinBlocks>, dim3(grid),
+                                 dim3(kWarps * 32), 0, stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

@@ -50,8 +50,8 @@ __device__ __forceinline__ uint32_t VisibleWord(const uint32_t* mask, int L, int
 
 // Hides the keys of the block at kb that joint query rows rr0 and rr1 do not see; `mask` null:
 // only the keys past the sample's last (T) are hidden.
-__device__ __forceinline__ void MaskScoreBlock(float (&s)[8][4], const uint32_t* mask, int L,
-                                               int T, int rr0, int rr1, int kb, int t) {
+__device__ __forceinline__ void MaskScoreBlock(float (&s)[8][4], const uint32_t* mask, int L, int T,
+                                               int rr0, int rr1, int kb, int t) {
   const uint64_t vis0 =
       VisibleWord(mask, L, T, rr0, kb) | (uint64_t)VisibleWord(mask, L, T, rr0, kb + 32) << 32;
   const uint64_t vis1 =

@@ -116,9 +116,10 @@ std::vector<uint16_t> PackWgmmaChunks(const StreamWeights& w, int d, int f) {
                [&](int n, int k) { return at(w.mlp_down_w, f, WgmmaFeature(n), h0 + k); }, out);
   }
   for (int c = 0; c < 3; ++c) {
-    PackWgmmaB(d, d,
-               [&](int n, int k) { return at(w.qkv_w, d, c * d + WgmmaFeature(n), WgmmaFeature(k)); },
-               out);
+    PackWgmmaB(
+        d, d,
+        [&](int n, int k) { return at(w.qkv_w, d, c * d + WgmmaFeature(n), WgmmaFeature(k)); },
+        out);
   }
   return out;
 }

@@ -37,11 +37,13 @@ struct SampleInfo {
 // The weights of the wgmma row kernel (bf16, D = 128): for each layer and stream, the chunks it
 // streams into shared memory in the order it uses them, each kWgmmaChunkBytes: the output
 // projection, then per kWgmmaHidden hidden units of the MLP the up rows (scaled by 1/2) and the
-// down columns (16 KB each), then q, k and v. A chunk holds its matrices in wgmma's K-major layout without
-// swizzle (cuda_forward.cc, PackWgmmaB).
+// down columns (16 KB each), then q, k and v. A chunk holds its matrices in wgmma's K-major
+// layout without swizzle (cuda_forward.cc, PackWgmmaB).
 constexpr int kWgmmaChunkBytes = 32768;
 constexpr int kWgmmaHidden = 64;
-__host__ __device__ constexpr int WgmmaChunksPerLayer(int dim_ff) { return 4 + dim_ff / kWgmmaHidden; }
+__host__ __device__ constexpr int WgmmaChunksPerLayer(int dim_ff) {
+  return 4 + dim_ff / kWgmmaHidden;
+}
 // The wgmma row kernel's order of the model dimension (D = 128). Its accumulator element for
 // column n = 8j + 2t + e (lane t of a quad, n8 tile j) is feature 16 (j / 2) + 4t + 2 (j % 2) + e:
 // each lane owns runs of four consecutive features and the four lanes of a quad adjacent runs,

@@ -334,8 +334,9 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
   WaitForPredecessor();
   {
     const size_t per_sample = (size_t)p.num_layers * 2 * 6 * kD;
-    const float* mp = p.mod + tile.sample * per_sample + ((size_t)p.post_layer * 2 + tile.stream) * 6 * kD;
-    const float* mq = p.mod + tile.sample * per_sample + ((size_t)p.qkv_layer * 2 + tile.stream) * 6 * kD;
+    const float* ms = p.mod + tile.sample * per_sample;
+    const float* mp = ms + ((size_t)p.post_layer * 2 + tile.stream) * 6 * kD;
+    const float* mq = ms + ((size_t)p.qkv_layer * 2 + tile.stream) * 6 * kD;
     for (int i = threadIdx.x; i < kD; i += kThreads) {
       if (wp) {
         vs[kVGateAttn * kD + i] = mp[2 * kD + i];

@@ -35,8 +35,8 @@ constexpr int kStepBytesN128 = 128 * 16 * 2;
 constexpr int kStepBytesN64 = 64 * 16 * 2;
 
 // Shared memory: the weight ring, each warpgroup's residual tile (fp32, in each thread's own
-// order: every thread reads back only what it wrote), the ring's mbarriers and release counters, then
-// the per-column vectors the epilogues read (global loads there were half of all stalls).
+// order: every thread reads back only what it wrote), the ring's mbarriers and release counters,
+// then the per-column vectors the epilogues read (global loads there were half of all stalls).
 constexpr size_t kRingOffset = 0;
 constexpr size_t kResidOffset = kRingOffset + size_t{kStages} * kWgmmaChunkBytes;
 constexpr size_t kResidBytes = sizeof(float) * kTileRows * kD;
@@ -180,8 +180,10 @@ __device__ __forceinline__ void RowSums(const float (&v)[64], F f, float& sum0, 
 __device__ __forceinline__ void LayerNormToA(const float (&v)[64], const float* scale1,
                                              const float* shift, int t, uint32_t (&a)[8][4]) {
   float s0, s1, q0, q1;
-  RowSums(v, [](float x) { return x; }, s0, s1);
-  RowSums(v, [](float x) { return x * x; }, q0, q1);
+  RowSums(
+      v, [](float x) { return x; }, s0, s1);
+  RowSums(
+      v, [](float x) { return x * x; }, q0, q1);
   const float m0 = s0 * (1.0f / kD), m1 = s1 * (1.0f / kD);
   const float rs0 = rsqrtf(fmaxf(q0 * (1.0f / kD) - m0 * m0, 0.0f) + kLayerNormEps);
   const float rs1 = rsqrtf(fmaxf(q1 * (1.0f / kD) - m1 * m1, 0.0f) + kLayerNormEps);
@@ -209,7 +211,8 @@ __device__ __forceinline__ void BiasRms(float (&v)[64], const float* bias, int t
     v[4 * j + 3] += b.y;
   }
   float s0, s1;
-  RowSums(v, [](float x) { return x * x; }, s0, s1);
+  RowSums(
+      v, [](float x) { return x * x; }, s0, s1);
   r0 = rsqrtf(s0 * (1.0f / kD) + kRmsNormEps);
   r1 = rsqrtf(s1 * (1.0f / kD) + kRmsNormEps);
 }
@@ -273,8 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     const int pos = pos0 + i % per_round;
     const int layer = pos < 1 + num_mlp ? p.post_layer : p.qkv_layer;
     return static_cast<const uint8_t*>(p.wgmma_images) +
-           ((size_t)(layer * 2 + group_stream(i / per_round)) * per_layer + pos) *
-               kWgmmaChunkBytes;
+           ((size_t)(layer * 2 + group_stream(i / per_round)) * per_layer + pos) * kWgmmaChunkBytes;
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -501,8 +503,10 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
           if (stream == 0) {
             // Features 16 (j / 2) + 4t + 2 (j % 2), + 1 are pair 2t + j % 2 of their head: one
             // 16-byte load per row holds both pairs of this lane.
-            const float4 q0 = __ldg(reinterpret_cast<const float4*>(p.rope + pos0 * (kHeadDim / 2)) + t);
-            const float4 q1 = __ldg(reinterpret_cast<const float4*>(p.rope + pos1 * (kHeadDim / 2)) + t);
+            const float4 q0 =
+                __ldg(reinterpret_cast<const float4*>(p.rope + pos0 * (kHeadDim / 2)) + t);
+            const float4 q1 =
+                __ldg(reinterpret_cast<const float4*>(p.rope + pos1 * (kHeadDim / 2)) + t);
             const float2 e0 = make_float2(q0.x, q0.y), o0 = make_float2(q0.z, q0.w);
             const float2 e1 = make_float2(q1.x, q1.y), o1 = make_float2(q1.z, q1.w);
             auto rotate = [&](int j, float2 c0, float2 c1) {
@@ -533,12 +537,12 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
 #pragma unroll
         for (int m = 0; m < 8; ++m) {  // features 16m + 4t .. + 3: tiles 2m, 2m + 1
           if (ok0) {
-            *reinterpret_cast<uint2*>(dst + off0 + 16 * m + 4 * t) =
-                make_uint2(PackBf16(acc[8 * m], acc[8 * m + 1]), PackBf16(acc[8 * m + 4], acc[8 * m + 5]));
+            *reinterpret_cast<uint2*>(dst + off0 + 16 * m + 4 * t) = make_uint2(
+                PackBf16(acc[8 * m], acc[8 * m + 1]), PackBf16(acc[8 * m + 4], acc[8 * m + 5]));
           }
           if (ok1) {
-            *reinterpret_cast<uint2*>(dst + off1 + 16 * m + 4 * t) =
-                make_uint2(PackBf16(acc[8 * m + 2], acc[8 * m + 3]), PackBf16(acc[8 * m + 6], acc[8 * m + 7]));
+            *reinterpret_cast<uint2*>(dst + off1 + 16 * m + 4 * t) = make_uint2(
+                PackBf16(acc[8 * m + 2], acc[8 * m + 3]), PackBf16(acc[8 * m + 6], acc[8 * m + 7]));
           }
         }
       };
@@ -554,17 +558,17 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
 absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream) {
   if (params.num_tiles == 0 || params.num_groups == 0) return absl::OkStatus();
   if (params.dim_ff % kWgmmaHidden != 0 || params.dim_ff > kMaxDimFF) {
-    return absl::UnimplementedError(absl::StrCat("the wgmma row kernel takes dim_feedforward a "
-                                                 "multiple of 64 up to 2048; was ",
-                                                 params.dim_ff));
+    return absl::UnimplementedError(
+        absl::StrCat("the wgmma row kernel takes dim_feedforward a "
+                     "multiple of 64 up to 2048; was ",
+                     params.dim_ff));
   }
   // Raised once to what the largest F needs; each launch asks for what its F needs.
   static std::atomic<uint64_t> smem_set{0};
   const void* func = reinterpret_cast<const void*>(&RowKernelWgmma);
   if (absl::Status s = AllowDynamicSmem(func, SmemBytes(kMaxDimFF), smem_set); !s.ok()) return s;
   CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernelWgmma, dim3(min(params.num_groups, params.num_sms)),
-                                 dim3(kThreads),
-                                 SmemBytes(params.dim_ff), stream, params));
+                                 dim3(kThreads), SmemBytes(params.dim_ff), stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
