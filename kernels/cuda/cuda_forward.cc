@@ -535,7 +535,6 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.num_layers = n;
   rp.dim_ff = config.dim_feedforward;
   rp.rope = d_rope;
-  rp.num_x_tiles = num_x_row_tiles;
   rp.groups = reinterpret_cast<const RowGroup*>(dev_io + off_row_groups);
   rp.num_groups = num_row_groups;
   rp.num_sms = num_sms;

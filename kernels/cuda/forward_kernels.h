@@ -125,7 +125,6 @@ struct RowParams {
   int post_layer;                   // -1: none
   int qkv_layer;                    // -1: none
   const float2* rope;               // [max_seq_len][kHeadDim / 2] (cos, sin) of pos * inv_freq
-  int num_x_tiles;                  // tiles [0, num_x_tiles) are x-stream tiles
   const RowGroup* groups;           // the wgmma kernel's work: CTA c takes groups c, c + grid, ...
   int num_groups;
   int num_sms;                      // the wgmma kernel's grid: at most one CTA per SM

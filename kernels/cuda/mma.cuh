@@ -25,14 +25,12 @@ template <>
 struct Prec<Precision::kBf16> {
   using T = __nv_bfloat16;  // activations stored between steps and in shared memory
   using W = uint2;          // one lane's B fragment for (n8 tile, k16 step)
-  static constexpr int kWPerK16 = 1;
 };
 
 template <>
 struct Prec<Precision::kFp32> {
   using T = float;
   using W = float4;  // {hi0, hi1, lo0, lo1} for (n8 tile, k16 step, k8 half)
-  static constexpr int kWPerK16 = 2;
 };
 
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
@@ -200,10 +198,6 @@ __device__ __forceinline__ uint64_t SmemDesc(const void* p, uint32_t lbo, uint32
          (static_cast<uint64_t>((sbo & 0x3ffff) >> 4) << 32);
 }
 
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem) : "memory");
-}
 // 16 bytes global -> shared, or 16 zero bytes when !valid (nothing is read then).
 __device__ __forceinline__ void CpAsync16OrZero(void* smem, const void* gmem, bool valid) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -213,11 +207,6 @@ __device__ __forceinline__ void CpAsync16OrZero(void* smem, const void* gmem, bo
 }
 __device__ __forceinline__ void CpAsyncCommit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-// Waits for this thread's copies and makes them visible to the async proxy (wgmma).
-__device__ __forceinline__ void CpAsyncWaitAllForWgmma() {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 // Programmatic dependent launch: kernels are launched so that they may start while the previous
