@@ -284,6 +284,26 @@ TEST(GpuForwardTest, SharpAttentionMatchesReference) {
   }
 }
 
+// A feed-forward wider than the wgmma row kernel takes runs on the mma.sync kernel instead.
+TEST(GpuForwardTest, WideFeedForwardFallsBack) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = 1;
+  config.dim_feedforward = 2176;  // 17 x 128: past the wgmma kernel's 2048
+  const ModelWeights weights = ModelWeights::Deterministic(config, 5);
+  CudaForwardOptions options;
+  options.max_batch_size = 4;
+  options.max_seq_len = 186;
+  options.max_context_len = 64;
+  options.row_tile_rows = 64;
+  auto fwd = CudaForward::Create(weights, options);
+  ASSERT_TRUE(fwd.ok()) << fwd.status();
+  RandomBatch b = testing::MakeRandomBatch(config, {{186, 64}, {70, 9}, {1, 1}, {128, 64}},
+                                           false, 17);
+  ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+  EXPECT_LE(CompareWithReference(weights, b, {0, 1, 2, 3}), kBf16Tolerance);
+}
+
 TEST(GpuForwardTest, GraphReplayMatchesRun) {
   SKIP_WITHOUT_GPU();
   MmditConfig config = TargetConfig();

@@ -242,7 +242,8 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
       cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, options.device));
   // wgmma is in the sm_90a code only, which runs on compute capability 9.0 alone.
   use_wgmma = options.use_wgmma && cc_major == 9 && cc_minor == 0 &&
-              precision == Precision::kBf16 && d == 128 && f % cuda::kWgmmaHidden == 0;
+              precision == Precision::kBf16 && d == 128 && f % cuda::kWgmmaHidden == 0 &&
+              f <= cuda::kWgmmaMaxDimFF;
   std::vector<uint16_t> wgmma_images;
   std::vector<Offsets> offs(2 * n);
   std::vector<float> adaln_wt(static_cast<size_t>(2 * n) * d * 6 * d);

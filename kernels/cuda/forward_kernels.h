@@ -41,6 +41,7 @@ struct SampleInfo {
 // layout without swizzle (cuda_forward.cc, PackWgmmaB).
 constexpr int kWgmmaChunkBytes = 32768;
 constexpr int kWgmmaHidden = 64;
+constexpr int kWgmmaMaxDimFF = 2048;  // its shared memory holds the vectors of up to this F
 __host__ __device__ constexpr int WgmmaChunksPerLayer(int dim_ff) {
   return 4 + dim_ff / kWgmmaHidden;
 }

@@ -51,8 +51,6 @@ constexpr int kOutB = 0, kOutRms = kD, kDownB = 2 * kD, kQkvB = 3 * kD, kRmsQ = 
 // gate_mlp of post_layer, then 1 + scale_attn, shift_attn of qkv_layer.
 constexpr int kGateAttn = 0, kScaleMlp = kD, kShiftMlp = 2 * kD, kGateMlp = 3 * kD,
               kScaleAttn = 4 * kD, kShiftAttn = 5 * kD, kModFloats = 6 * kD;
-// The largest F the shared memory holds the vectors of.
-constexpr int kMaxDimFF = 2048;
 size_t SmemBytes(int dim_ff) {
   return kVectorsOffset + sizeof(float) * (2 * (kUpB + dim_ff) + kWarpgroups * kModFloats);
 }
@@ -557,7 +555,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
 
 absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream) {
   if (params.num_tiles == 0 || params.num_groups == 0) return absl::OkStatus();
-  if (params.dim_ff % kWgmmaHidden != 0 || params.dim_ff > kMaxDimFF) {
+  if (params.dim_ff % kWgmmaHidden != 0 || params.dim_ff > kWgmmaMaxDimFF) {
     return absl::UnimplementedError(
         absl::StrCat("the wgmma row kernel takes dim_feedforward a "
                      "multiple of 64 up to 2048; was ",
@@ -566,7 +564,9 @@ absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream) {
   // Raised once to what the largest F needs; each launch asks for what its F needs.
   static std::atomic<uint64_t> smem_set{0};
   const void* func = reinterpret_cast<const void*>(&RowKernelWgmma);
-  if (absl::Status s = AllowDynamicSmem(func, SmemBytes(kMaxDimFF), smem_set); !s.ok()) return s;
+  if (absl::Status s = AllowDynamicSmem(func, SmemBytes(kWgmmaMaxDimFF), smem_set); !s.ok()) {
+    return s;
+  }
   CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernelWgmma, dim3(min(params.num_groups, params.num_sms)),
                                  dim3(kThreads), SmemBytes(params.dim_ff), stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
