@@ -195,7 +195,7 @@ class CudaForwardImpl {
 
   // Weights.
   const StreamWeightsDev* d_stream_weights = nullptr;
-  const float* d_adaln_w = nullptr;
+  const void* d_adaln_w = nullptr;  // bf16: split fragments; fp32: transposed floats
   const float* d_adaln_b = nullptr;
   const float2* d_rope = nullptr;
   const void* d_wgmma_images = nullptr;  // bf16, D = 128 on compute capability 9.0
@@ -220,7 +220,6 @@ class CudaForwardImpl {
   int batch = 0, num_tokens = 0, num_row_tiles = 0, num_x_row_tiles = 0, num_row_groups = 0,
       num_attn_tiles = 0;
   int tile_rows = 64, tile_queries = 128;
-  bool use_wgmma = false;
 };
 
 absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
@@ -241,12 +240,11 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, options.device));
   // wgmma is in the sm_90a code only, which runs on compute capability 9.0 alone.
-  use_wgmma = options.use_wgmma && cc_major == 9 && cc_minor == 0 &&
+  const bool use_wgmma = options.use_wgmma && cc_major == 9 && cc_minor == 0 &&
               precision == Precision::kBf16 && d == 128 && f % cuda::kWgmmaHidden == 0 &&
               f <= cuda::kWgmmaMaxDimFF;
   std::vector<uint16_t> wgmma_images;
   std::vector<Offsets> offs(2 * n);
-  std::vector<float> adaln_wt(static_cast<size_t>(2 * n) * d * 6 * d);
   std::vector<float> adaln_b(static_cast<size_t>(2 * n) * 6 * d);
   for (int l = 0; l < n; ++l) {
     for (int s = 0; s < 2; ++s) {
@@ -273,13 +271,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
       o.out_rms = blob.AddFloats(w.out_rms);
       o.up_b = blob.AddFloats(w.mlp_up_b);
       o.down_b = blob.AddFloats(w.mlp_down_b);
-      const size_t ls = 2 * l + s;
-      for (int j = 0; j < 6 * d; ++j) {
-        for (int k = 0; k < d; ++k) {
-          adaln_wt[(ls * d + k) * 6 * d + j] = w.adaln_w[static_cast<size_t>(j) * d + k];
-        }
-        adaln_b[ls * 6 * d + j] = w.adaln_b[j];
-      }
+      std::copy(w.adaln_b.begin(), w.adaln_b.end(), adaln_b.begin() + (2 * l + s) * 6 * d);
     }
   }
   // adaLN: bf16 takes all layers' weights as one [N * 2 * 6D][D] matrix in fragment order,
@@ -301,6 +293,18 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
     frags.insert(frags.end(), lo_frags.begin(), lo_frags.end());
     off_adaln_wt = blob.Add(frags.data(), frags.size());
   } else {
+    std::vector<float> adaln_wt(static_cast<size_t>(2 * n) * d * 6 * d);
+    for (int l = 0; l < n; ++l) {
+      for (int s = 0; s < 2; ++s) {
+        const StreamWeights& w = s == 0 ? weights.layers[l].x : weights.layers[l].context;
+        const size_t ls = 2 * l + s;
+        for (int j = 0; j < 6 * d; ++j) {
+          for (int k = 0; k < d; ++k) {
+            adaln_wt[(ls * d + k) * 6 * d + j] = w.adaln_w[static_cast<size_t>(j) * d + k];
+          }
+        }
+      }
+    }
     off_adaln_wt = blob.AddFloats(adaln_wt);
   }
   const size_t off_adaln_b = blob.AddFloats(adaln_b);
@@ -324,7 +328,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
                                   cudaMemcpyHostToDevice));
   d_stream_weights = reinterpret_cast<const StreamWeightsDev*>(base + off_streams);
   if (use_wgmma) d_wgmma_images = base + off_wgmma;
-  d_adaln_w = reinterpret_cast<const float*>(base + off_adaln_wt);  // bf16: fragments
+  d_adaln_w = base + off_adaln_wt;
   d_adaln_b = reinterpret_cast<const float*>(base + off_adaln_b);
   {
     // RoPE (cos, sin) for every position the config allows: the angle in float32 as the
@@ -513,8 +517,8 @@ absl::Status CudaForwardImpl::RunStaged() {
 
   cuda::AdaLnParams ap{};
   ap.y = reinterpret_cast<const float*>(dev_io + off_y);
-  ap.w_t = precision == Precision::kFp32 ? d_adaln_w : nullptr;
-  ap.w_frag = precision == Precision::kBf16 ? static_cast<const void*>(d_adaln_w) : nullptr;
+  ap.w_t = precision == Precision::kFp32 ? static_cast<const float*>(d_adaln_w) : nullptr;
+  ap.w_frag = precision == Precision::kBf16 ? d_adaln_w : nullptr;
   ap.b = d_adaln_b;
   ap.mod = d_mod;
   ap.batch = batch;
