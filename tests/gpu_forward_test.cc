@@ -156,14 +156,24 @@ double CompareWithReference(const ModelWeights& w, const RandomBatch& b,
   return testing::RelativeError(got, want);
 }
 
+// Row tiles: 16 tokens on one CTA or on a cluster (CudaForwardOptions::row_cluster_split), or 64.
+struct RowTiling {
+  int rows;
+  int cluster_split;
+  const char* name;
+};
+const RowTiling kRows16{16, 1, "rows16"}, kRows16Split{16, 4, "rows16x4"}, kRows64{64, 1, "rows64"};
+
 // The last parameter selects the kernels kept for comparison (the mma.sync row kernel and the
 // one-CTA-per-item attention) instead of the bf16 defaults on Hopper.
 class GpuRandomTest
-    : public ::testing::TestWithParam<std::tuple<RandomCase, CudaPrecision, int, bool>> {};
+    : public ::testing::TestWithParam<std::tuple<RandomCase, CudaPrecision, RowTiling, bool>> {
+};
 
 TEST_P(GpuRandomTest, MatchesReference) {
   SKIP_WITHOUT_GPU();
-  const auto [c, precision, tile_rows, comparison_kernels] = GetParam();
+  const auto [c, precision, tiling, comparison_kernels] = GetParam();
+  const int tile_rows = tiling.rows;
   MmditConfig config = TargetConfig();
   config.num_layers = c.num_layers;
   const ModelWeights weights = ModelWeights::Deterministic(config, 1234 + c.num_layers);
@@ -173,6 +183,7 @@ TEST_P(GpuRandomTest, MatchesReference) {
   options.max_context_len = c.max_ctx;
   options.precision = precision;
   options.row_tile_rows = tile_rows;
+  options.row_cluster_split = tiling.cluster_split;
   options.attn_tile_queries = tile_rows == 16 ? 64 : 128;
   options.use_wgmma = !comparison_kernels;
   options.persistent_attention = !comparison_kernels;
@@ -182,8 +193,8 @@ TEST_P(GpuRandomTest, MatchesReference) {
   ASSERT_TRUE((*fwd)->Run(b.samples).ok());
   const std::vector<int> idx = CheckedSamples(c.batch, c.checked);
   const double err = CompareWithReference(weights, b, idx);
-  std::printf("%s %s rows=%d%s: rel err %.3g over %zu of %d samples\n", c.name.c_str(),
-              Name(precision), tile_rows, comparison_kernels ? " (comparison kernels)" : "", err,
+  std::printf("%s %s %s%s: rel err %.3g over %zu of %d samples\n", c.name.c_str(),
+              Name(precision), tiling.name, comparison_kernels ? " (comparison kernels)" : "", err,
               idx.size(), c.batch);
   EXPECT_LE(err, Tolerance(precision));
 
@@ -207,21 +218,22 @@ const RandomCase kCases[] = {
 };
 
 std::string RandomName(const ::testing::TestParamInfo<GpuRandomTest::ParamType>& info) {
-  return std::get<0>(info.param).name + "_" + Name(std::get<1>(info.param)) + "_rows" +
-         std::to_string(std::get<2>(info.param)) + (std::get<3>(info.param) ? "_mma_sync" : "");
+  return std::get<0>(info.param).name + "_" + Name(std::get<1>(info.param)) + "_" +
+         std::get<2>(info.param).name + (std::get<3>(info.param) ? "_mma_sync" : "");
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Random, GpuRandomTest,
     ::testing::Combine(::testing::ValuesIn(kCases),
                        ::testing::Values(CudaPrecision::kBf16, CudaPrecision::kFp32Accurate),
-                       ::testing::Values(16, 64), ::testing::Values(false)),
+                       ::testing::Values(kRows16, kRows16Split, kRows64),
+                       ::testing::Values(false)),
     RandomName);
 
 INSTANTIATE_TEST_SUITE_P(ComparisonKernels, GpuRandomTest,
                          ::testing::Combine(::testing::ValuesIn(kCases),
                                             ::testing::Values(CudaPrecision::kBf16),
-                                            ::testing::Values(64), ::testing::Values(true)),
+                                            ::testing::Values(kRows64), ::testing::Values(true)),
                          RandomName);
 
 // Sharp attention: q and k RMSNorm weights scaled up so that scores span tens of units in exp2
@@ -352,6 +364,10 @@ TEST(GpuForwardTest, RejectsBatchesOverCapacity) {
   options.max_batch_size = 0;
   EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
             absl::StatusCode::kInvalidArgument);
+  options.max_batch_size = 2;
+  options.row_cluster_split = 2;
+  EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(GpuForwardTest, UnsupportedShapeIsUnimplemented) {
@@ -372,11 +388,13 @@ TEST(GpuForwardTest, SanitizerCase) {
   config.num_layers = 1;
   const ModelWeights weights = ModelWeights::Deterministic(config, 3);
   for (CudaPrecision p : {CudaPrecision::kBf16, CudaPrecision::kFp32Accurate}) {
-    for (int variant : {16, 64, 0}) {  // 0: 64-token tiles on the comparison kernels
-      const int rows = variant == 0 ? 64 : variant;
+    // 4: 16-token tiles split over clusters; 0: 64-token tiles on the comparison kernels.
+    for (int variant : {16, 4, 64, 0}) {
+      const int rows = variant == 0 ? 64 : variant == 4 ? 16 : variant;
       CudaForwardOptions options;
       options.use_wgmma = variant != 0;
       options.persistent_attention = variant != 0;
+      options.row_cluster_split = variant == 4 ? 4 : 1;
       options.max_batch_size = 3;
       options.max_seq_len = 70;
       options.max_context_len = 9;

@@ -64,11 +64,13 @@ std::vector<uint8_t> PackFragments(const std::vector<float>& w, int n, int k, Pr
       for (int ks = 0; ks < ks_total; ++ks)
         for (int h = 0; h < 2; ++h)
           for (int lane = 0; lane < 32; ++lane) {
-            const int row = nt * 8 + lane / 4, col = ks * 16 + 8 * h + 2 * (lane % 4);
+            // k8 slots t and t + 4: the row kernel loads its A fragments with ldmatrix, in
+            // the mma's own k order.
+            const int row = nt * 8 + lane / 4, col = ks * 16 + 8 * h + lane % 4;
             const size_t o =
                 (((static_cast<size_t>(nt) * ks_total + ks) * 2 + h) * 32 + lane) * 4;
             const float a = w[static_cast<size_t>(row) * k + col];
-            const float b = w[static_cast<size_t>(row) * k + col + 1];
+            const float b = w[static_cast<size_t>(row) * k + col + 4];
             v[o + 0] = RoundTf32(a);
             v[o + 1] = RoundTf32(b);
             v[o + 2] = RoundTf32(a - v[o + 0]);
@@ -219,7 +221,8 @@ class CudaForwardImpl {
   // The staged batch.
   int batch = 0, num_tokens = 0, num_row_tiles = 0, num_x_row_tiles = 0, num_row_groups = 0,
       num_attn_tiles = 0;
-  int tile_rows = 64, tile_queries = 128;
+  int tile_rows = 64, tile_queries = 128, cluster_split = 1;
+  bool clusters_supported = false;
 };
 
 absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
@@ -239,6 +242,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
       cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, options.device));
   CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, options.device));
+  clusters_supported = cc_major >= 9;
   // wgmma is in the sm_90a code only, which runs on compute capability 9.0 alone.
   const bool use_wgmma = options.use_wgmma && cc_major == 9 && cc_minor == 0 &&
               precision == Precision::kBf16 && d == 128 && f % cuda::kWgmmaHidden == 0 &&
@@ -394,7 +398,7 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   }
   if (absl::Status s = ValidateBatch(config, b); !s.ok()) return s;
   size_t mask_words = 0;
-  int tiles64 = 0, attn128 = 0;
+  int tiles64 = 0, tiles16 = 0, attn128 = 0;
   for (int i = 0; i < static_cast<int>(b.size()); ++i) {
     const ForwardSample& s = b[i];
     if (s.seq_len > options.max_seq_len || s.context_len > options.max_context_len) {
@@ -405,6 +409,7 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     }
     if (s.attn_mask) mask_words += static_cast<size_t>(s.seq_len + 2) * CeilDiv(s.seq_len, 32);
     tiles64 += CeilDiv(s.seq_len, 64) + CeilDiv(s.context_len, 64);
+    tiles16 += CeilDiv(s.seq_len, 16) + CeilDiv(s.context_len, 16);
     attn128 += CeilDiv(s.seq_len + s.context_len, 128);
   }
   if (mask_words > max_mask_words) {
@@ -416,17 +421,25 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   // 16-token tiles (D = 128 only; at B = 64 they cost 1.30 ms against 0.87 with 64). The wgmma
   // row kernel (bf16) takes over at three quarters of that: on an H200, B = 16 (64 tiles) runs
   // in 0.37 ms with 16-token tiles against 0.47, B = 32 (128 tiles) in 0.55 ms against 0.74.
-  // Attention takes 64-query tiles at small batches and always in fp32, whose 161-register
-  // kernel fits only one 256-thread CTA per SM (B = 256: 12.70 ms against 13.40 with 128-query
-  // tiles; bf16 is the other way round, 3.52 against 3.67 ms).
+  // Attention takes 64-query tiles at small batches, 128 otherwise: at B = 256 on an H100, bf16
+  // took 3.52 ms with 128-query tiles against 3.67 with 64, and fp32 (three CTAs per SM) 8.98
+  // against 9.42.
   tile_rows = options.row_tile_rows;
   if (tile_rows == 0) {
     const int small = d_wgmma_images != nullptr ? num_sms * 3 / 4 : num_sms;
     tile_rows = (d == 128 && tiles64 < small) ? 16 : 64;
   }
+  cluster_split = options.row_cluster_split;
+  if (cluster_split == 0) {
+    cluster_split = clusters_supported && d == 128 && tile_rows == 16 &&
+                            tiles16 * cuda::kClusterSplit <= 2 * num_sms
+                        ? cuda::kClusterSplit
+                        : 1;
+  }
+  if (tile_rows != 16 || !clusters_supported) cluster_split = 1;
   tile_queries = options.attn_tile_queries;
   if (tile_queries == 0) {
-    tile_queries = (precision == Precision::kFp32 || attn128 * h < 2 * num_sms) ? 64 : 128;
+    tile_queries = attn128 * h < 2 * num_sms ? 64 : 128;
   }
 
   auto* samples = reinterpret_cast<SampleInfo*>(host_io + off_samples);
@@ -544,6 +557,7 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.num_groups = num_row_groups;
   rp.num_sms = num_sms;
   rp.wgmma_images = d_wgmma_images;
+  rp.cluster_split = cluster_split;
 
   cuda::AttentionParams tp{};
   tp.tiles = reinterpret_cast<const AttnTile*>(dev_io + off_attn_tiles);
@@ -641,6 +655,12 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
     return absl::InvalidArgumentError(
         absl::StrCat("row_tile_rows must be 0, 16 or 64; was ", options.row_tile_rows));
   }
+  if (options.row_cluster_split != 0 && options.row_cluster_split != 1 &&
+      options.row_cluster_split != cuda::kClusterSplit) {
+    return absl::InvalidArgumentError(absl::StrCat("row_cluster_split must be 0, 1 or ",
+                                                   cuda::kClusterSplit, "; was ",
+                                                   options.row_cluster_split));
+  }
   if (options.attn_tile_queries != 0 && options.attn_tile_queries != 64 &&
       options.attn_tile_queries != 128) {
     return absl::InvalidArgumentError(
@@ -729,6 +749,7 @@ void CudaForward::set_launch_hook(std::function<void(const char*)> hook) {
 }
 const CudaForwardOptions& CudaForward::options() const { return impl_->options; }
 int CudaForward::tile_rows() const { return impl_->tile_rows; }
+int CudaForward::row_cluster_split() const { return impl_->cluster_split; }
 int CudaForward::tile_queries() const { return impl_->tile_queries; }
 
 }  // namespace mmdit

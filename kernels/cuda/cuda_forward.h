@@ -36,6 +36,9 @@ struct CudaForwardOptions {
   bool use_wgmma = true;
   // bf16: the persistent attention kernel (attention_bf16.cu); false: one CTA per item.
   bool persistent_attention = true;
+  // CTAs per 16-token row tile on compute capability 9.0 and up: 0 picks by batch size, 1 one
+  // CTA, 4 a cluster of four that splits the tile's MLP and q/k/v passes (for measurements).
+  int row_cluster_split = 0;
 };
 
 class CudaForwardImpl;
@@ -70,6 +73,7 @@ class CudaForward {
   // The tile sizes chosen for the staged batch.
   int tile_rows() const;
   int tile_queries() const;
+  int row_cluster_split() const;
 
   ~CudaForward();
 

@@ -55,6 +55,9 @@ __host__ __device__ constexpr int WgmmaFeature(int n) {
 }
 
 // Row tiles are listed x-stream tiles first, then context tiles.
+// Small batches: the CTAs of a cluster that share one 16-token tile of the mma.sync row kernel.
+constexpr int kClusterSplit = 4;
+
 struct RowTile {
   int sample;
   int stream;  // 0: x, 1: context
@@ -132,6 +135,8 @@ struct RowParams {
   // bf16, D = 128, 64-row tiles: the images of the wgmma row kernel ([N][2][chunks]); null:
   // the mma.sync kernel.
   const void* wgmma_images;
+  // The mma.sync kernel with 16-token tiles: CTAs per tile (1, or a cluster of kClusterSplit).
+  int cluster_split;
 };
 
 // Joint attention of one head over a tile of queries of one sample against all its keys.
@@ -152,19 +157,24 @@ struct AttentionParams {
 // Launches `kernel` with programmatic stream serialization (see LaunchDependents in mma.cuh):
 // at small batches a forward is 26 short kernels, and this hides each one's launch and prologue
 // behind its predecessor.
+// cluster_x > 1 launches clusters of that many consecutive CTAs.
 template <typename Params>
 cudaError_t LaunchPdl(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem,
-                      cudaStream_t stream, const Params& params) {
+                      cudaStream_t stream, const Params& params, int cluster_x = 1) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = cluster_x;
+  attr[1].val.clusterDim.y = 1;
+  attr[1].val.clusterDim.z = 1;
   config.attrs = attr;
-  config.numAttrs = 1;
+  config.numAttrs = cluster_x > 1 ? 2 : 1;
   return cudaLaunchKernelEx(&config, kernel, params);
 }
 

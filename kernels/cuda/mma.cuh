@@ -66,16 +66,18 @@ __device__ __forceinline__ void MmaTf32(float (&c)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t ToTf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
+// x = hi + lo for 3xTF32. The tensor cores read a tf32 operand's top 19 bits and ignore the low
+// 13, so x itself is its hi part (x truncated to tf32), and lo = x - trunc(x) is exact in fp32
+// and truncated in turn (by less than 2^-20 |x|). cvt.rna.tf32.f32 would round both, but sm_90
+// has no instruction for it: each conversion was four (test, add, select, mask), and with the
+// register moves that gathered the parts into fragments the splits were more than half of the
+// fp32 row kernel's instructions.
+__device__ __forceinline__ uint32_t Tf32Low(uint32_t x) {
+  return __float_as_uint(__uint_as_float(x) - __uint_as_float(x & 0xffffe000u));
 }
-
-// x = hi + lo, each representable in tf32.
 __device__ __forceinline__ void SplitTf32(float x, uint32_t& hi, uint32_t& lo) {
-  hi = ToTf32(x);
-  lo = ToTf32(x - __uint_as_float(hi));
+  hi = __float_as_uint(x);
+  lo = Tf32Low(hi);
 }
 
 // c += a * b with a, b given as fp32 values, 3xTF32.

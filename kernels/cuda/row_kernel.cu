@@ -8,6 +8,14 @@
 //
 // Eight warps; for each D-wide output pass every warp owns D/8 columns of all tile rows, so each
 // weight fragment is loaded once per CTA (from L2: the 14 MB of bf16 weights stay resident).
+//
+// Small batches (16-token tiles, few CTAs on a large GPU) split each tile over a cluster of
+// kClusterSplit CTAs: every CTA of the cluster computes the output projection and the norms of
+// the whole tile (one pass), takes 1/kClusterSplit of the MLP's hidden chunks and one of the q, k
+// and v passes; the MLP's partial down products are summed through distributed shared memory.
+// A CTA's serial chain drops from 12 GEMM passes to 4.
+#include <cooperative_groups.h>
+
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/forward_kernels.h"
 #include "kernels/cuda/mma.cuh"
@@ -26,11 +34,18 @@ struct RowShape {
   static constexpr int kM = 16 * kMT;     // tile rows
   static constexpr int kNT = kD / 64;     // n8 tiles per warp in one D-wide pass
   static constexpr int kXs = kD + 4;      // float32 row stride
-  static constexpr int kAs = kD + 8;      // operand row stride: conflict-free fragment loads
+  // Operand row stride, 4 words past a multiple of 32: conflict-free ldmatrix rows.
+  static constexpr int kAs = P == Precision::kBf16 ? kD + 8 : kD + 4;
   static constexpr int kCols = kD / 32;   // columns per lane in the row passes
   static constexpr int kRowsPerWarp = kM / 8;
-  static constexpr size_t kSmemBytes =
-      2 * sizeof(float) * kM * kXs + 2 * sizeof(T) * kM * kAs;
+  // The residual tile, the GEMM output (whose space the MLP's hidden chunk reuses: it is dead
+  // from the end of the projection's epilogue to the q/k/v GEMMs) and the GEMM operand; with a
+  // cluster split, the partial down product the other CTAs of the cluster read.
+  static constexpr size_t kOutBytes = sizeof(float) * kM * kXs > sizeof(T) * kM * kAs
+                                         ? sizeof(float) * kM * kXs
+                                         : sizeof(T) * kM * kAs;
+  static constexpr size_t kSmemBytes = sizeof(float) * kM * kXs + kOutBytes + sizeof(T) * kM * kAs;
+  static constexpr size_t kPartialBytes = sizeof(float) * kM * kXs;
 };
 
 // The per-column vectors of a launch, staged in shared memory after the tiles (each pass read
@@ -42,7 +57,7 @@ enum VectorOffset {
   kVScaleMlp = 9, kVShiftMlp = 10, kVGateMlp = 11, kVScaleAttn = 12, kVShiftAttn = 13, kVUpB = 14
 };
 constexpr int kMaxStagedFF = 2048;
-size_t VectorBytes(int dim, int dim_ff) {
+__host__ __device__ constexpr size_t VectorBytes(int dim, int dim_ff) {
   return sizeof(float) * (kVUpB * dim + (dim_ff <= kMaxStagedFF ? dim_ff : 0));
 }
 
@@ -147,14 +162,13 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
         }
 #pragma unroll
         for (int m = 0; m < kMT; ++m) {
-          const float* r0 = as + (16 * m + g) * S::kAs + 16 * i + 8 * h + 2 * t;
-          const float2 v0 = *reinterpret_cast<const float2*>(r0);
-          const float2 v1 = *reinterpret_cast<const float2*>(r0 + 8 * S::kAs);
+          // ldmatrix on 32-bit elements: four 8 x 4 matrices (rows 0-7 / 8-15, k 0-3 / 4-7)
+          // are exactly the tf32 A fragment, in one register quad.
           uint32_t ahi[4], alo[4];
-          SplitTf32(v0.x, ahi[0], alo[0]);
-          SplitTf32(v1.x, ahi[1], alo[1]);
-          SplitTf32(v0.y, ahi[2], alo[2]);
-          SplitTf32(v1.y, ahi[3], alo[3]);
+          LdMatrixX4(ahi, as + (16 * m + (lane & 7) + 8 * ((lane >> 3) & 1)) * S::kAs + 16 * i +
+                              8 * h + 4 * (lane >> 4));
+#pragma unroll
+          for (int e = 0; e < 4; ++e) alo[e] = Tf32Low(ahi[e]);
 #pragma unroll
           for (int n = 0; n < kNT; ++n) {
             Mma3xTf32(acc[m][n], ahi, alo, __float_as_uint(b[n].x), __float_as_uint(b[n].y),
@@ -261,9 +275,18 @@ __device__ __forceinline__ void StoreRow(T* out, const float (&v)[kCols]) {
   for (int j = 0; j < kCols; j += 2) Store2(out + j, v[j], v[j + 1]);
 }
 
-template <Precision P, int kD, int kMT>
-__global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
-    RowKernel(const RowParams p) {
+// Cluster barrier halves: a CTA arrives when it has read the other CTAs' shared memory and waits
+// only before it exits, so the q/k/v pass runs in between.
+__device__ __forceinline__ void ClusterArrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void ClusterWait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// kSplit CTAs (a cluster) per tile; see the top of the file.
+template <Precision P, int kD, int kMT, int kSplit>
+__global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
   using S = RowShape<P, kD, kMT>;
   using T = typename Prec<P>::T;
   using W = typename Prec<P>::W;
@@ -271,12 +294,16 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
   extern __shared__ __align__(16) unsigned char smem[];
   float* xs = reinterpret_cast<float*>(smem);  // residual tile
   float* ss = xs + kM * kXs;                   // GEMM output before its row-wise epilogue
-  T* as = reinterpret_cast<T*>(ss + kM * kXs);  // GEMM operand
-  T* hs = as + kM * kAs;                        // MLP hidden chunk
-  float* vs = reinterpret_cast<float*>(hs + kM * kAs);  // vectors (VectorOffset)
+  T* as = reinterpret_cast<T*>(smem + sizeof(float) * kM * kXs + S::kOutBytes);  // GEMM operand
+  T* hs = reinterpret_cast<T*>(ss);            // MLP hidden chunk
+  float* vs = reinterpret_cast<float*>(as + kM * kAs);  // vectors (VectorOffset)
+  // Split: this CTA's partial down product, after the vectors (VectorBytes at kMaxStagedFF).
+  float* ps = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(vs) +
+                                       VectorBytes(kD, kMaxStagedFF));
+  const int rank = blockIdx.x % kSplit;  // in the cluster: its CTAs are consecutive in x
 
   LaunchDependents();
-  const RowTile tile = p.tiles[blockIdx.x];
+  const RowTile tile = p.tiles[blockIdx.x / kSplit];
   const SampleInfo si = p.samples[tile.sample];
   const int tok0 = si.tok_off + (tile.stream ? si.seq_len : 0) + tile.row0;
   const int rows = tile.rows;
@@ -284,12 +311,16 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
   const int col0 = lane * kCols;
 
   // The passes of this launch, in order: [out, (up, down) x F/D] for post_layer, then
-  // [q, k, v] for qkv_layer.
+  // [q, k, v] for qkv_layer. A split CTA takes hidden chunks rank, rank + kSplit, ... and the
+  // q/k/v passes [qkv_begin, qkv_end).
   const StreamWeightsDev* wp =
       p.post_layer >= 0 ? &p.weights[p.post_layer * 2 + tile.stream] : nullptr;
   const StreamWeightsDev* wq =
       p.qkv_layer >= 0 ? &p.weights[p.qkv_layer * 2 + tile.stream] : nullptr;
   const int num_fc = p.dim_ff / kD;
+  const int qkv_begin = (3 * rank + kSplit - 1) / kSplit;
+  const int qkv_end = (3 * (rank + 1) + kSplit - 1) / kSplit;
+  const bool has_qkv = wq != nullptr && qkv_begin < qkv_end;
   const WDesc<P> none{nullptr, 0, 0, 0};
   auto out_d = [&] { return WDesc<P>{static_cast<const W*>(wp->out_w), kD / 16, warp * kNT, 0}; };
   auto up_d = [&](int fc) {
@@ -306,8 +337,8 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
   if constexpr (P == Precision::kBf16) {
     if (wp != nullptr) {
       LoadFrags(frags, out_d());
-    } else if (wq != nullptr) {
-      LoadFrags(frags, qkv_d(0));
+    } else if (has_qkv) {
+      LoadFrags(frags, qkv_d(qkv_begin));
     }
   }
   // The weights' vectors (read-only: before the wait), then the modulation.
@@ -371,7 +402,8 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
     }
     __syncthreads();
     ZeroAcc(acc);
-    WarpGemm<P, kD, kMT>(acc, as, frags, out_d(), up_d(0));
+    WarpGemm<P, kD, kMT>(acc, as, frags, out_d(),
+                         rank < num_fc ? up_d(rank) : (has_qkv ? qkv_d(qkv_begin) : none));
     StoreAcc<kMT, kNT, kXs>(ss, acc, vs + kVOutB * kD, warp);
     __syncthreads();
     // RMSNorm of the projection, gated residual, modulated LayerNorm for the MLP.
@@ -395,7 +427,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
     __syncthreads();
     float acc2[kMT][kNT][4];
     ZeroAcc(acc2);
-    for (int fc = 0; fc < num_fc; ++fc) {
+    for (int fc = rank; fc < num_fc; fc += kSplit) {
       ZeroAcc(acc);
       WarpGemm<P, kD, kMT>(acc, as, frags, up_d(fc), down_d(fc));
 #pragma unroll
@@ -411,9 +443,42 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
         }
       }
       __syncthreads();
-      WarpGemm<P, kD, kMT>(acc2, hs, frags, down_d(fc),
-                           fc + 1 < num_fc ? up_d(fc + 1) : (wq != nullptr ? qkv_d(0) : none));
+      WarpGemm<P, kD, kMT>(
+          acc2, hs, frags, down_d(fc),
+          fc + kSplit < num_fc ? up_d(fc + kSplit) : (has_qkv ? qkv_d(qkv_begin) : none));
       __syncthreads();
+    }
+    if constexpr (kSplit > 1) {
+      // Sum the cluster's partial down products (each CTA the same, in the same order, so the
+      // residual stays identical across the cluster).
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        const int col = (warp * kNT + n) * 8 + 2 * t;
+#pragma unroll
+        for (int m = 0; m < kMT; ++m) {
+          Store2(ps + (16 * m + g) * kXs + col, acc2[m][n][0], acc2[m][n][1]);
+          Store2(ps + (16 * m + g + 8) * kXs + col, acc2[m][n][2], acc2[m][n][3]);
+        }
+      }
+      cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+      cluster.sync();
+      ZeroAcc(acc2);
+#pragma unroll
+      for (int q = 0; q < kSplit; ++q) {
+        const float* rs = cluster.map_shared_rank(ps, q);
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          const int col = (warp * kNT + n) * 8 + 2 * t;
+#pragma unroll
+          for (int m = 0; m < kMT; ++m) {
+            const float2 v0 = *reinterpret_cast<const float2*>(rs + (16 * m + g) * kXs + col);
+            const float2 v1 = *reinterpret_cast<const float2*>(rs + (16 * m + g + 8) * kXs + col);
+            acc2[m][n][0] += v0.x, acc2[m][n][1] += v0.y;
+            acc2[m][n][2] += v1.x, acc2[m][n][3] += v1.y;
+          }
+        }
+      }
+      ClusterArrive();
     }
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
@@ -432,7 +497,8 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
     }
     __syncthreads();
     if (p.x_dst != nullptr) {
-      for (int i = threadIdx.x; i < kM * kD / 4; i += kThreads) {
+      // A split tile's CTAs hold the same residual: each writes its share.
+      for (int i = threadIdx.x + rank * kThreads; i < kM * kD / 4; i += kThreads * kSplit) {
         const int r = i / (kD / 4), c = (i % (kD / 4)) * 4;
         if (r < rows) {
           *reinterpret_cast<float4*>(p.x_dst + (size_t)(tok0 + r) * kD + c) =
@@ -442,7 +508,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
     }
   }
 
-  if (p.qkv_layer >= 0) {
+  if (has_qkv) {
     {
       float scale1[kCols], shift[kCols];
       LoadCols<kCols>(scale1, vs + kVScaleAttn * kD + col0);
@@ -456,9 +522,9 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
     }
     __syncthreads();
     T* const dst[3] = {static_cast<T*>(p.q), static_cast<T*>(p.k), static_cast<T*>(p.v)};
-    for (int c = 0; c < 3; ++c) {
+    for (int c = qkv_begin; c < qkv_end; ++c) {
       ZeroAcc(acc);
-      WarpGemm<P, kD, kMT>(acc, as, frags, qkv_d(c), c < 2 ? qkv_d(c + 1) : none);
+      WarpGemm<P, kD, kMT>(acc, as, frags, qkv_d(c), c + 1 < qkv_end ? qkv_d(c + 1) : none);
       StoreAcc<kMT, kNT, kXs>(ss, acc, vs + (kVQkvB + c) * kD, warp);
       __syncthreads();
       float qk_w[kCols];
@@ -477,24 +543,30 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kBf16 ? 2 : 1)
       __syncthreads();
     }
   }
+  // The other CTAs may still read this one's partial product until they arrive.
+  if constexpr (kSplit > 1) {
+    if (wp != nullptr) ClusterWait();
+  }
 }
 
-template <Precision P, int kD, int kMT>
+template <Precision P, int kD, int kMT, int kSplit>
 absl::Status LaunchRowT(const RowParams& params, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
-  constexpr size_t kSmem = RowShape<P, kD, kMT>::kSmemBytes;
-  const void* func = reinterpret_cast<const void*>(&RowKernel<P, kD, kMT>);
-  // The limit is raised once, to what the largest staged F needs; a launch asks for its own.
-  if (absl::Status s = AllowDynamicSmem(func, kSmem + VectorBytes(kD, kMaxStagedFF), smem_set);
-      !s.ok()) {
-    return s;
-  }
-  CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernel<P, kD, kMT>, dim3(params.num_tiles), dim3(kThreads),
-                                 kSmem + VectorBytes(kD, params.dim_ff), stream, params));
+  using S = RowShape<P, kD, kMT>;
+  constexpr size_t kPartial = kSplit > 1 ? S::kPartialBytes : 0;
+  const void* func = reinterpret_cast<const void*>(&RowKernel<P, kD, kMT, kSplit>);
+  // The limit is raised once, to what the largest staged F needs; a launch asks for its own
+  // (with a split, the partial product sits after the largest vectors).
+  const size_t max_smem = S::kSmemBytes + VectorBytes(kD, kMaxStagedFF) + kPartial;
+  if (absl::Status s = AllowDynamicSmem(func, max_smem, smem_set); !s.ok()) return s;
+  const size_t smem =
+      kSplit > 1 ? max_smem : S::kSmemBytes + VectorBytes(kD, params.dim_ff);
+  CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernel<P, kD, kMT, kSplit>,
+                                 dim3(params.num_tiles * kSplit), dim3(kThreads), smem, stream,
+                                 params, kSplit));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
-
 
 }  // namespace
 
@@ -504,16 +576,20 @@ absl::Status LaunchRow(const RowParams& params, Precision precision, int dim, in
   const bool bf16 = precision == Precision::kBf16;
   if (dim == 128 && tile_rows == 64) {
     if (bf16 && params.wgmma_images != nullptr) return LaunchRowWgmma(params, stream);
-    return bf16 ? LaunchRowT<Precision::kBf16, 128, 4>(params, stream)
-                : LaunchRowT<Precision::kFp32, 128, 4>(params, stream);
+    return bf16 ? LaunchRowT<Precision::kBf16, 128, 4, 1>(params, stream)
+                : LaunchRowT<Precision::kFp32, 128, 4, 1>(params, stream);
+  }
+  if (dim == 128 && tile_rows == 16 && params.cluster_split == kClusterSplit) {
+    return bf16 ? LaunchRowT<Precision::kBf16, 128, 1, kClusterSplit>(params, stream)
+                : LaunchRowT<Precision::kFp32, 128, 1, kClusterSplit>(params, stream);
   }
   if (dim == 128 && tile_rows == 16) {
-    return bf16 ? LaunchRowT<Precision::kBf16, 128, 1>(params, stream)
-                : LaunchRowT<Precision::kFp32, 128, 1>(params, stream);
+    return bf16 ? LaunchRowT<Precision::kBf16, 128, 1, 1>(params, stream)
+                : LaunchRowT<Precision::kFp32, 128, 1, 1>(params, stream);
   }
   if (dim == 64 && tile_rows == 64) {
-    return bf16 ? LaunchRowT<Precision::kBf16, 64, 4>(params, stream)
-                : LaunchRowT<Precision::kFp32, 64, 4>(params, stream);
+    return bf16 ? LaunchRowT<Precision::kBf16, 64, 4, 1>(params, stream)
+                : LaunchRowT<Precision::kFp32, 64, 4, 1>(params, stream);
   }
   return absl::UnimplementedError(absl::StrCat("no row kernel for dim ", dim, " and tiles of ",
                                                tile_rows, " rows"));

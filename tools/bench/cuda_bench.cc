@@ -146,7 +146,7 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
                options.context_len, config.num_layers, flops * 1e-9, options.timed_iters,
                options.warmup_iters);
   std::string table = absl::StrFormat(
-      "%-5s %5s %5s %10s %10s %12s %8s %7s %10s %s\n", "prec", "B", "tiles", "stream_ms",
+      "%-5s %5s %8s %10s %10s %12s %8s %7s %10s %s\n", "prec", "B", "tiles", "stream_ms",
       "graph_ms", "samples/s", "TFLOP/s", "%peak", "anchor_ms", "x faster than anchor");
   std::string breakdown;
   for (CudaPrecision precision : precisions) {
@@ -162,6 +162,9 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       // Tile-size overrides for measurements (CudaForwardOptions::row_tile_rows and
       // attn_tile_queries; 0 or unset: chosen by batch size).
       if (const char* v = std::getenv("MMDIT_BENCH_ROW_TILE_ROWS")) fo.row_tile_rows = std::atoi(v);
+      if (const char* v = std::getenv("MMDIT_BENCH_ROW_CLUSTER_SPLIT")) {
+        fo.row_cluster_split = std::atoi(v);
+      }
       if (const char* v = std::getenv("MMDIT_BENCH_ATTN_TILE_QUERIES")) {
         fo.attn_tile_queries = std::atoi(v);
       }
@@ -191,9 +194,12 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
         const double best = std::min(*stream_ms, *graph_ms);
         const double tflops = flops * b / (best * 1e-3) * 1e-12;
         const double anchor = AnchorMs(bf16, b);
-        const std::string tiles = absl::StrCat(f.tile_rows(), "/", f.tile_queries());
+        // Row tile rows (x CTAs per tile when split over a cluster) / attention tile queries.
+        const std::string tiles =
+            absl::StrCat(f.tile_rows(), f.row_cluster_split() > 1 ? "x4" : "", "/",
+                         f.tile_queries());
         table += absl::StrFormat(
-            "%-5s %5d %5s %10.4f %10.4f %12.0f %8.1f %6.1f%% %10s %s\n", bf16 ? "bf16" : "fp32",
+            "%-5s %5d %8s %10.4f %10.4f %12.0f %8.1f %6.1f%% %10s %s\n", bf16 ? "bf16" : "fp32",
             b, tiles, *stream_ms, *graph_ms, b / (best * 1e-3), tflops,
             100.0 * tflops / kBf16PeakTflops,
             anchor > 0 ? absl::StrFormat("%.3f", anchor) : std::string("-"),
