@@ -108,7 +108,7 @@ __device__ __forceinline__ void LoadFrags(WFrags<kD>& f, const WDesc<Precision::
 // same registers are refilled with the next pass's (`next`), so a pass's weight loads overlap
 // the previous pass's MMAs instead of stalling on L2 after each barrier (19 us per row launch at
 // B = 1, 12 such passes per launch, before this).
-// fp32 (3xTF32): loads per k-step from `cur`; `f` and `next` are unused.
+// fp32 (3xTF32): loads from `cur` a few k-steps ahead; `f` and `next` are unused.
 template <Precision P, int kD, int kMT>
 __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
                                          const typename Prec<P>::T* as, WFrags<kD>& f,
@@ -150,30 +150,39 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
         for (int e = 0; e < 4; ++e) acc[0][n][e] += odd[n][e];
     }
   } else {
-#pragma unroll 2
-    for (int i = 0; i < kD / 16; ++i) {
+    // The k8 steps fully unrolled, each step's weight fragments loaded kAhead steps before use
+    // (loaded in the step itself, the MMAs waited on L2: a fifth of the stall samples).
+    constexpr int kSteps = kD / 8, kAhead = 2;
+    const float4* wb[kNT];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float4 b[kNT];
+    for (int n = 0; n < kNT; ++n) {
+      wb[n] = cur.wf + ((size_t)(cur.nt0 + n) * cur.ks_total + cur.ks0) * 2 * 32 + lane;
+    }
+    float4 b[kAhead + 1][kNT];
+#pragma unroll
+    for (int s = 0; s < kAhead; ++s)
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) b[s][n] = __ldg(wb[n] + s * 32);
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      if (s + kAhead < kSteps) {
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) b[(s + kAhead) % (kAhead + 1)][n] = __ldg(wb[n] + (s + kAhead) * 32);
+      }
+      const float4(&bs)[kNT] = b[s % (kAhead + 1)];
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) {
+        // ldmatrix on 32-bit elements: four 8 x 4 matrices (rows 0-7 / 8-15, k 0-3 / 4-7) are
+        // exactly the tf32 A fragment, in one register quad.
+        uint32_t ahi[4], alo[4];
+        LdMatrixX4(ahi, as + (16 * m + (lane & 7) + 8 * ((lane >> 3) & 1)) * S::kAs + 8 * s +
+                            4 * (lane >> 4));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) alo[e] = Tf32Low(ahi[e]);
 #pragma unroll
         for (int n = 0; n < kNT; ++n) {
-          b[n] = __ldg(cur.wf + (((size_t)(cur.nt0 + n) * cur.ks_total + cur.ks0 + i) * 2 + h) *
-                                    32 + lane);
-        }
-#pragma unroll
-        for (int m = 0; m < kMT; ++m) {
-          // ldmatrix on 32-bit elements: four 8 x 4 matrices (rows 0-7 / 8-15, k 0-3 / 4-7)
-          // are exactly the tf32 A fragment, in one register quad.
-          uint32_t ahi[4], alo[4];
-          LdMatrixX4(ahi, as + (16 * m + (lane & 7) + 8 * ((lane >> 3) & 1)) * S::kAs + 16 * i +
-                              8 * h + 4 * (lane >> 4));
-#pragma unroll
-          for (int e = 0; e < 4; ++e) alo[e] = Tf32Low(ahi[e]);
-#pragma unroll
-          for (int n = 0; n < kNT; ++n) {
-            Mma3xTf32(acc[m][n], ahi, alo, __float_as_uint(b[n].x), __float_as_uint(b[n].y),
-                      __float_as_uint(b[n].z), __float_as_uint(b[n].w));
-          }
+          Mma3xTf32(acc[m][n], ahi, alo, __float_as_uint(bs[n].x), __float_as_uint(bs[n].y),
+                    __float_as_uint(bs[n].z), __float_as_uint(bs[n].w));
         }
       }
     }
