@@ -42,17 +42,22 @@ __global__ void __launch_bounds__(kMmaThreads) AdaLnMmaKernel(const AdaLnParams 
       bf[0][ks][n] = __ldg(wf + f);
       bf[1][ks][n] = __ldg(wf + lo_offset + f);
     }
-  for (int i = threadIdx.x; i < kMmaSamples * kD; i += kMmaThreads) {
+  // Only the m-tiles that hold samples, padding rows as zeros: at B = 1 the 63 padding rows' SiLU
+  // (a division of zero, on the slow path) was most of the kernel's 13 us.
+  const int m_tiles = (ns + 15) / 16;  // CTA-uniform: a batch of one runs one m-tile
+  for (int i = threadIdx.x; i < m_tiles * 16 * kD; i += kMmaThreads) {
     const int s = i / kD, k = i % kD;
-    const float y = s < ns ? p.y[(size_t)(b0 + s) * kD + k] : 0.0f;
-    const float v = y / (1.0f + expf(-y));
+    float v = 0.0f;
+    if (s < ns) {
+      const float y = p.y[(size_t)(b0 + s) * kD + k];
+      v = y / (1.0f + expf(-y));
+    }
     const __nv_bfloat16 hi = __float2bfloat16_rn(v);
     as[0][s * kAs + k] = hi;
     as[1][s * kAs + k] = __float2bfloat16_rn(v - __bfloat162float(hi));
   }
   __syncthreads();
   float acc[kMmaSamples / 16][2][4] = {};
-  const int m_tiles = (ns + 15) / 16;  // CTA-uniform: a batch of one runs one m-tile
 #pragma unroll
   for (int m = 0; m < kMmaSamples / 16; ++m) {
     if (m >= m_tiles) break;
@@ -105,8 +110,12 @@ __global__ void __launch_bounds__(kAdaLnOutputs) AdaLnKernel(const AdaLnParams p
   const int ns = min(kAdaLnSamples, p.batch - b0);
   for (int i = threadIdx.x; i < kAdaLnSamples * d; i += blockDim.x) {
     const int s = i / d, k = i % d;
-    const float y = s < ns ? p.y[(size_t)(b0 + s) * d + k] : 0.0f;
-    silu_y[k * kAdaLnSamples + s] = y / (1.0f + expf(-y));
+    float v = 0.0f;  // padding: no SiLU of zero (a slow-path division)
+    if (s < ns) {
+      const float y = p.y[(size_t)(b0 + s) * d + k];
+      v = y / (1.0f + expf(-y));
+    }
+    silu_y[k * kAdaLnSamples + s] = v;
   }
   __syncthreads();
   if (j >= n6) return;

@@ -14,8 +14,6 @@
 // the whole tile (one pass), takes 1/kClusterSplit of the MLP's hidden chunks and one of the q, k
 // and v passes; the MLP's partial down products are summed through distributed shared memory.
 // A CTA's serial chain drops from 12 GEMM passes to 4.
-#include <cooperative_groups.h>
-
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/forward_kernels.h"
 #include "kernels/cuda/mma.cuh"
@@ -45,7 +43,7 @@ struct RowShape {
                                          ? sizeof(float) * kM * kXs
                                          : sizeof(T) * kM * kAs;
   static constexpr size_t kSmemBytes = sizeof(float) * kM * kXs + kOutBytes + sizeof(T) * kM * kAs;
-  static constexpr size_t kPartialBytes = sizeof(float) * kM * kXs;
+  static constexpr size_t kPartialBytes = sizeof(float) * kM * kXs;  // per CTA of a cluster
 };
 
 // The per-column vectors of a launch, staged in shared memory after the tiles (each pass read
@@ -284,8 +282,21 @@ __device__ __forceinline__ void StoreRow(T* out, const float (&v)[kCols]) {
   for (int j = 0; j < kCols; j += 2) Store2(out + j, v[j], v[j + 1]);
 }
 
-// Cluster barrier halves: a CTA arrives when it has read the other CTAs' shared memory and waits
-// only before it exits, so the q/k/v pass runs in between.
+// Distributed shared memory by address in the shared::cluster window, and cluster barrier halves
+// with release/acquire at cluster scope. Stores through generic pointers and cooperative groups'
+// cluster sync had put a GPU-wide fence before the barrier (a tenth of the kernel at B = 1);
+// st.async with an mbarrier counting the bytes measured the same as these stores.
+__device__ __forceinline__ uint32_t MapShared(const void* p, int rank) {
+  uint32_t r;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;\n"
+      : "=r"(r)
+      : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void StoreCluster2(uint32_t addr, float a, float b) {
+  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b)
+               : "memory");
+}
 __device__ __forceinline__ void ClusterArrive() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
 }
@@ -306,10 +317,15 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
   T* as = reinterpret_cast<T*>(smem + sizeof(float) * kM * kXs + S::kOutBytes);  // GEMM operand
   T* hs = reinterpret_cast<T*>(ss);            // MLP hidden chunk
   float* vs = reinterpret_cast<float*>(as + kM * kAs);  // vectors (VectorOffset)
-  // Split: this CTA's partial down product, after the vectors (VectorBytes at kMaxStagedFF).
+  // Split: the cluster's partial down products, one slot per CTA, after the vectors
+  // (VectorBytes at kMaxStagedFF).
   float* ps = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(vs) +
                                        VectorBytes(kD, kMaxStagedFF));
   const int rank = blockIdx.x % kSplit;  // in the cluster: its CTAs are consecutive in x
+  // A CTA's first remote store waits until every CTA of the cluster runs; this arrival is early.
+  if constexpr (kSplit > 1) {
+    if (p.post_layer >= 0) ClusterArrive();
+  }
 
   LaunchDependents();
   const RowTile tile = p.tiles[blockIdx.x / kSplit];
@@ -397,10 +413,7 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
     if (r < rows) v = *reinterpret_cast<const float4*>(p.x_src + (size_t)(tok0 + r) * kD + c);
     *reinterpret_cast<float4*>(xs + r * kXs + c) = v;
   }
-  __syncthreads();  // the row passes read rows that other warps loaded
-
-  float acc[kMT][kNT][4];
-  if (p.post_layer >= 0) {
+  if (p.post_layer >= 0) {  // the attention output, the projection's operand
     const T* attn = static_cast<const T*>(p.attn);
     constexpr int kVec = 16 / sizeof(T);
     for (int i = threadIdx.x; i < kM * kD / kVec; i += kThreads) {
@@ -409,7 +422,11 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
       if (r < rows) v = *reinterpret_cast<const uint4*>(attn + (size_t)(tok0 + r) * kD + c);
       *reinterpret_cast<uint4*>(as + r * kAs + c) = v;
     }
-    __syncthreads();
+  }
+  __syncthreads();  // the row passes read rows that other warps loaded
+
+  float acc[kMT][kNT][4];
+  if (p.post_layer >= 0) {
     ZeroAcc(acc);
     WarpGemm<P, kD, kMT>(acc, as, frags, out_d(),
                          rank < num_fc ? up_d(rank) : (has_qkv ? qkv_d(qkv_begin) : none));
@@ -458,36 +475,43 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
       __syncthreads();
     }
     if constexpr (kSplit > 1) {
-      // Sum the cluster's partial down products (each CTA the same, in the same order, so the
-      // residual stays identical across the cluster).
-#pragma unroll
-      for (int n = 0; n < kNT; ++n) {
-        const int col = (warp * kNT + n) * 8 + 2 * t;
-#pragma unroll
-        for (int m = 0; m < kMT; ++m) {
-          Store2(ps + (16 * m + g) * kXs + col, acc2[m][n][0], acc2[m][n][1]);
-          Store2(ps + (16 * m + g + 8) * kXs + col, acc2[m][n][2], acc2[m][n][3]);
-        }
-      }
-      cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-      cluster.sync();
-      ZeroAcc(acc2);
+      // Each CTA stores its partial down product into its slot of every cluster CTA's ps and,
+      // after the cluster barrier, sums the slots of its own (reading the others' slots
+      // remotely stalled on distributed shared memory latency: a sixth of the kernel at B = 1),
+      // in the same order as the others, so that the residual stays identical across the cluster.
+      constexpr int kSlot = kM * kXs;
+      ClusterWait();
 #pragma unroll
       for (int q = 0; q < kSplit; ++q) {
-        const float* rs = cluster.map_shared_rank(ps, q);
 #pragma unroll
         for (int n = 0; n < kNT; ++n) {
           const int col = (warp * kNT + n) * 8 + 2 * t;
 #pragma unroll
           for (int m = 0; m < kMT; ++m) {
-            const float2 v0 = *reinterpret_cast<const float2*>(rs + (16 * m + g) * kXs + col);
-            const float2 v1 = *reinterpret_cast<const float2*>(rs + (16 * m + g + 8) * kXs + col);
+            const float* dst = ps + rank * kSlot + (16 * m + g) * kXs + col;
+            StoreCluster2(MapShared(dst, q), acc2[m][n][0], acc2[m][n][1]);
+            StoreCluster2(MapShared(dst + 8 * kXs, q), acc2[m][n][2], acc2[m][n][3]);
+          }
+        }
+      }
+      ClusterArrive();
+      ClusterWait();
+      ZeroAcc(acc2);
+#pragma unroll
+      for (int q = 0; q < kSplit; ++q) {
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          const int col = (warp * kNT + n) * 8 + 2 * t;
+#pragma unroll
+          for (int m = 0; m < kMT; ++m) {
+            const float* src = ps + q * kSlot + (16 * m + g) * kXs + col;
+            const float2 v0 = *reinterpret_cast<const float2*>(src);
+            const float2 v1 = *reinterpret_cast<const float2*>(src + 8 * kXs);
             acc2[m][n][0] += v0.x, acc2[m][n][1] += v0.y;
             acc2[m][n][2] += v1.x, acc2[m][n][3] += v1.y;
           }
         }
       }
-      ClusterArrive();
     }
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
@@ -552,17 +576,13 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
       __syncthreads();
     }
   }
-  // The other CTAs may still read this one's partial product until they arrive.
-  if constexpr (kSplit > 1) {
-    if (wp != nullptr) ClusterWait();
-  }
 }
 
 template <Precision P, int kD, int kMT, int kSplit>
 absl::Status LaunchRowT(const RowParams& params, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   using S = RowShape<P, kD, kMT>;
-  constexpr size_t kPartial = kSplit > 1 ? S::kPartialBytes : 0;
+  constexpr size_t kPartial = kSplit > 1 ? kSplit * S::kPartialBytes : 0;
   const void* func = reinterpret_cast<const void*>(&RowKernel<P, kD, kMT, kSplit>);
   // The limit is raised once, to what the largest staged F needs; a launch asks for its own
   // (with a split, the partial product sits after the largest vectors).

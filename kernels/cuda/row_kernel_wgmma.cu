@@ -55,35 +55,6 @@ size_t SmemBytes(int dim_ff) {
   return kVectorsOffset + sizeof(float) * (2 * (kUpB + dim_ff) + kWarpgroups * kModFloats);
 }
 
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void MbarrierInit(uint64_t* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count)
-               : "memory");
-}
-
-// Makes the initialised mbarriers visible to the bulk copy engine.
-__device__ __forceinline__ void FenceMbarrierInit() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void MbarrierWait(uint64_t* bar, unsigned parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(SmemAddr(bar)), "r"(parity)
-        : "memory");
-  }
-}
-
 // One bulk copy global -> shared that completes the current phase of `bar`.
 __device__ __forceinline__ void BulkLoad(void* dst, const void* src, unsigned bytes,
                                          uint64_t* bar) {
@@ -95,10 +66,6 @@ __device__ __forceinline__ void BulkLoad(void* dst, const void* src, unsigned by
           "r"(SmemAddr(dst)),
       "l"(src), "r"(bytes), "r"(SmemAddr(bar))
       : "memory");
-}
-
-__device__ __forceinline__ float2 Ldg2(const float* p) {
-  return __ldg(reinterpret_cast<const float2*>(p));
 }
 
 // Elements 8j + 2t, 8j + 2t + 1 of a vector in shared memory, for accumulator tile j of lane t.
