@@ -43,18 +43,29 @@ __global__ void __launch_bounds__(kMmaThreads) AdaLnMmaKernel(const AdaLnParams 
       bf[1][ks][n] = __ldg(wf + lo_offset + f);
     }
   // Only the m-tiles that hold samples, padding rows as zeros: at B = 1 the 63 padding rows' SiLU
-  // (a division of zero, on the slow path) was most of the kernel's 13 us.
+  // (a division of zero, on the slow path) was most of the kernel's 13 us. Every load of y is
+  // issued before the first SiLU (one at a time, they were half of the stalls at B = 256).
   const int m_tiles = (ns + 15) / 16;  // CTA-uniform: a batch of one runs one m-tile
-  for (int i = threadIdx.x; i < m_tiles * 16 * kD; i += kMmaThreads) {
-    const int s = i / kD, k = i % kD;
-    float v = 0.0f;
-    if (s < ns) {
-      const float y = p.y[(size_t)(b0 + s) * kD + k];
-      v = y / (1.0f + expf(-y));
+  constexpr int kQuads = kMmaSamples * kD / 4 / kMmaThreads;
+  float4 y[kQuads];
+#pragma unroll
+  for (int j = 0; j < kQuads; ++j) {
+    const int i = 4 * (threadIdx.x + j * kMmaThreads), s = i / kD;
+    y[j] = s < ns ? __ldg(reinterpret_cast<const float4*>(p.y + (size_t)(b0 + s) * kD + i % kD))
+                  : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+#pragma unroll
+  for (int j = 0; j < kQuads; ++j) {
+    const int i = 4 * (threadIdx.x + j * kMmaThreads), s = i / kD, k = i % kD;
+    if (s >= m_tiles * 16) break;
+    const float in[4] = {y[j].x, y[j].y, y[j].z, y[j].w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float v = s < ns ? in[e] / (1.0f + expf(-in[e])) : 0.0f;
+      const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+      as[0][s * kAs + k + e] = hi;
+      as[1][s * kAs + k + e] = __float2bfloat16_rn(v - __bfloat162float(hi));
     }
-    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-    as[0][s * kAs + k] = hi;
-    as[1][s * kAs + k] = __float2bfloat16_rn(v - __bfloat162float(hi));
   }
   __syncthreads();
   float acc[kMmaSamples / 16][2][4] = {};
