@@ -16,6 +16,7 @@ namespace mmdit {
 
 using cuda::AttnTile;
 using cuda::Precision;
+using cuda::GroupTile;
 using cuda::RowGroup;
 using cuda::RowTile;
 using cuda::SampleInfo;
@@ -131,7 +132,8 @@ std::vector<uint16_t> PackWgmmaChunks(const StreamWeights& w, int d, int f) {
 // groups of ceil(rest / ctas), so that the last round spreads over every SM instead of leaving
 // most of them idle (B = 64: 256 tiles in 128 groups of two rather than 86 of three). A group
 // never spans the x and the context streams (tiles [0, num_x) and [num_x, num_tiles)).
-std::vector<RowGroup> MakeRowGroups(int num_x, int num_tiles, int ctas) {
+std::vector<RowGroup> MakeRowGroups(int num_x, const RowTile* tiles, int num_tiles,
+                                    const SampleInfo* samples, int ctas) {
   const int full_groups = num_tiles / (3 * ctas) * ctas;
   const int rest = num_tiles - 3 * full_groups;
   const int tail = rest == 0 ? 3 : CeilDiv(rest, ctas);
@@ -141,7 +143,16 @@ std::vector<RowGroup> MakeRowGroups(int num_x, int num_tiles, int ctas) {
     for (int t = stream == 0 ? 0 : num_x; t < end;) {
       const int size =
           std::min(static_cast<int>(groups.size()) < full_groups ? 3 : tail, end - t);
-      groups.push_back(RowGroup{t, size, stream, 0});
+      RowGroup group{};
+      group.count = size;
+      group.stream = stream;
+      for (int k = 0; k < size; ++k) {
+        const RowTile& tile = tiles[t + k];
+        const SampleInfo& si = samples[tile.sample];
+        group.tiles[k] = GroupTile{si.tok_off + (stream ? si.seq_len : 0) + tile.row0, tile.rows,
+                                   tile.sample, si.start_pos + tile.row0};
+      }
+      groups.push_back(group);
       t += size;
     }
   }
@@ -515,7 +526,8 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   CUDA_RETURN_IF_ERROR(copy(off_row_tiles, sizeof(RowTile) * nrt));
   num_row_groups = 0;
   if (d_wgmma_images != nullptr && tile_rows == 64) {
-    const std::vector<RowGroup> groups = MakeRowGroups(num_x_row_tiles, nrt, num_sms);
+    const std::vector<RowGroup> groups =
+        MakeRowGroups(num_x_row_tiles, row_tiles, nrt, samples, num_sms);
     num_row_groups = static_cast<int>(groups.size());
     std::memcpy(host_io + off_row_groups, groups.data(), sizeof(RowGroup) * groups.size());
     CUDA_RETURN_IF_ERROR(copy(off_row_groups, sizeof(RowGroup) * groups.size()));

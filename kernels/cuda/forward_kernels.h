@@ -66,12 +66,20 @@ struct RowTile {
 };
 
 // A group of consecutive row tiles of one stream, processed together by one CTA of the wgmma row
-// kernel (one tile per warpgroup, up to three).
+// kernel (one tile per warpgroup, up to three). Each tile is given as the kernel uses it, so
+// that a round of the kernel starts with one load instead of a chain of three (group, tile,
+// sample).
+struct GroupTile {
+  int tok0;    // first token row
+  int rows;
+  int sample;
+  int pos0;    // RoPE position of the first row (x stream)
+};
 struct RowGroup {
-  int first;   // first tile
   int count;   // 1 to 3
   int stream;  // 0: x, 1: context
-  int pad;
+  int pad[2];
+  GroupTile tiles[3];
 };
 
 struct AttnTile {

@@ -113,7 +113,7 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
                                          const WDesc<P>& cur, const WDesc<P>& next) {
   using S = RowShape<P, kD, kMT>;
   constexpr int kNT = S::kNT;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int lane = threadIdx.x & 31;
   if constexpr (P == Precision::kBf16) {
     // With one m-tile a warp has only kNT accumulators, so consecutive k-steps would form one
     // dependent MMA chain per accumulator; odd k-steps go to a second set (added at the end).

@@ -276,6 +276,15 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
   float* mod = vec + 2 * vec_floats + wg * kModFloats;
   // This thread's residual features: four at a time, slot 2m + row (Quad) at resid[slot * 128].
   float4* resid = reinterpret_cast<float4*>(smem + kResidOffset + wg * kResidBytes) + tid;
+  // A round's group and this warpgroup's tile; the first before the wait (the list is written
+  // before the forward starts).
+  int4 header, mine;
+  auto load_group = [&](int round) {
+    const RowGroup& gr = p.groups[blockIdx.x + round * gridDim.x];
+    header = __ldg(reinterpret_cast<const int4*>(&gr));
+    mine = __ldg(reinterpret_cast<const int4*>(&gr.tiles[wg]));
+  };
+  if (rounds > 0) load_group(0);
   WaitForPredecessor();
   __syncthreads();
 
@@ -306,9 +315,10 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
 
   int chunk = 0;
   for (int round = 0; round < rounds; ++round) {
-    const RowGroup group = p.groups[blockIdx.x + round * gridDim.x];
-    const int stream = group.stream;
-    if (wg >= group.count) {
+    if (round > 0) load_group(round);
+    const GroupTile tile{mine.x, mine.y, mine.z, mine.w};
+    const int count = header.x, stream = header.y;
+    if (wg >= count) {
       for (int c = 0; c < per_round; ++c, ++chunk) {
         acquire(chunk);
         release(chunk);
@@ -316,9 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       continue;
     }
     const float* sv = vec + stream * vec_floats;
-    const RowTile tile = p.tiles[group.first + wg];
-    const SampleInfo si = p.samples[tile.sample];
-    const int tok0 = si.tok_off + (stream ? si.seq_len : 0) + tile.row0;
+    const int tok0 = tile.tok0;
     const int r0 = 16 * warp + g, r1 = r0 + 8;
     const bool ok0 = r0 < tile.rows, ok1 = r1 < tile.rows;
     const size_t off0 = (size_t)(tok0 + (ok0 ? r0 : 0)) * kD;
@@ -367,7 +375,9 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
         CpAsync16OrZero(resid + (2 * m + 1) * 128, p.x_src + off1 + 16 * m + 4 * t, ok1);
       }
       CpAsyncCommit();
-      warpgroup_sync();
+      // No barrier here: the first reads of mod come after the first GEMM (has_post) or the
+      // residual's wait, so its loads run under them. (The residual needs none: each thread
+      // reads back only what it copied.)
     }
 
     // acc = a x the next chunk (N = 128, K = 128), waited for; the chunk is released.
@@ -383,6 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     };
     if (has_post) {
       gemm_n128();
+      warpgroup_sync();  // mod is written
       // Output projection + RMSNorm, gated residual (kept in shared memory for the MLP's); the
       // RMSNorm weight is folded into the gate.
       float rn0, rn1;
@@ -447,6 +458,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       });
     } else {
       asm volatile("cp.async.wait_all;\n" ::: "memory");
+      warpgroup_sync();  // mod is written
 #pragma unroll
       for (int m = 0; m < 8; ++m) {
         SetQuad(acc, m, 0, resid[(2 * m) * 128]);
@@ -457,8 +469,8 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     if (has_qkv) {
       LayerNormToA(acc, mod + kScaleAttn, mod + kShiftAttn, t, a);
       // Positions of this thread's rows for RoPE (x stream), clamped for rows past the tile.
-      const int pos0 = si.start_pos + tile.row0 + (ok0 ? r0 : 0);
-      const int pos1 = si.start_pos + tile.row0 + (ok1 ? r1 : 0);
+      const int pos0 = tile.pos0 + (ok0 ? r0 : 0);
+      const int pos1 = tile.pos0 + (ok1 ? r1 : 0);
       // q, k, v: one GEMM each, then bias (+ RMSNorm and RoPE for q and k) and the store.
       auto pass = [&](auto which) {
         constexpr int c = decltype(which)::value;
