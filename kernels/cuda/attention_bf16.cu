@@ -46,10 +46,9 @@ struct Item {
 // Item `index` is head index % H of query tile index / H; H (a power of two) = 1 << log2_heads.
 // (A division by the number of tiles here was ~30 emulation instructions per item.)
 __device__ __forceinline__ Item DecodeItem(const AttentionParams& p, int index, int log2_heads) {
-  const AttnTile tile = p.tiles[index >> log2_heads];
-  const SampleInfo si = p.samples[tile.sample];
-  return Item{index & ((1 << log2_heads) - 1), tile.q0,    si.tok_off, si.seq_len,
-              si.seq_len + si.ctx_len,         si.mask_off};
+  const int4* tile = reinterpret_cast<const int4*>(p.tiles + (index >> log2_heads));
+  const int4 a = __ldg(tile), b = __ldg(tile + 1);
+  return Item{index & ((1 << log2_heads) - 1), a.y, a.x, a.z, a.w, b.x};
 }
 
 __device__ __forceinline__ void CpAsyncWaitPrior() {

@@ -44,18 +44,17 @@ __global__ void __launch_bounds__(P == Precision::kFp32 ? 2 * kTileQueries : 256
 
   LaunchDependents();
   const AttnTile tile = p.tiles[blockIdx.x];
-  const SampleInfo si = p.samples[tile.sample];
   const int head = blockIdx.y;
-  const int L = si.seq_len, num_keys = si.seq_len + si.ctx_len;
+  const int L = tile.seq_len, num_keys = tile.num_keys;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = tile.q0 + warp * 16 + g, r1 = r0 + 8;
   const bool active = tile.q0 + warp * 16 < num_keys;  // warp-uniform
   const int rr0 = min(r0, num_keys - 1), rr1 = min(r1, num_keys - 1);
-  const size_t base = (size_t)si.tok_off * p.dim + head * kHeadDim;
+  const size_t base = (size_t)tile.tok_off * p.dim + head * kHeadDim;
   const T* q = static_cast<const T*>(p.q) + base;
   const T* k = static_cast<const T*>(p.k) + base;
   const T* v = static_cast<const T*>(p.v) + base;
-  const uint32_t* mask = si.mask_off >= 0 ? p.mask_bits + si.mask_off : nullptr;
+  const uint32_t* mask = tile.mask_off >= 0 ? p.mask_bits + tile.mask_off : nullptr;
 
   WaitForPredecessor();
   uint32_t qa[4];

@@ -504,7 +504,9 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     for (int r = 0; r < L; r += tile_rows) {
       row_tiles[nrt++] = RowTile{i, 0, r, std::min(tile_rows, L - r)};
     }
-    for (int q = 0; q < L + C; q += tile_queries) attn_tiles[nat++] = AttnTile{i, q};
+    for (int q = 0; q < L + C; q += tile_queries) {
+      attn_tiles[nat++] = AttnTile{tok, q, L, L + C, info.mask_off, {}};
+    }
     tok += L + C;
   }
   // Context tiles after every x tile (the wgmma row kernel groups tiles of one stream).
@@ -578,7 +580,6 @@ absl::Status CudaForwardImpl::RunStaged() {
 
   cuda::AttentionParams tp{};
   tp.tiles = reinterpret_cast<const AttnTile*>(dev_io + off_attn_tiles);
-  tp.samples = samples;
   tp.mask_bits = reinterpret_cast<const uint32_t*>(dev_io + off_mask);
   tp.q = d_q;
   tp.k = d_k;

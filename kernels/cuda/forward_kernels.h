@@ -82,9 +82,15 @@ struct RowGroup {
   GroupTile tiles[3];
 };
 
+// A tile of queries of one sample, with what the attention kernels need of the sample (one load
+// per item instead of the tile's and then its sample's).
 struct AttnTile {
-  int sample;
-  int q0;  // first joint query row
+  int tok_off;   // the sample's first token row
+  int q0;        // first joint query row
+  int seq_len;   // L
+  int num_keys;  // L + C
+  int mask_off;  // SampleInfo::mask_off
+  int pad[3];
 };
 
 // One stream of one layer on the device. Matrices are in mma fragment order (see
@@ -150,7 +156,6 @@ struct RowParams {
 // Joint attention of one head over a tile of queries of one sample against all its keys.
 struct AttentionParams {
   const AttnTile* tiles;
-  const SampleInfo* samples;
   const uint32_t* mask_bits;
   const void* q;  // [tokens][D], T-typed
   const void* k;
