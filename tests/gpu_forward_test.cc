@@ -156,13 +156,17 @@ double CompareWithReference(const ModelWeights& w, const RandomBatch& b,
   return testing::RelativeError(got, want);
 }
 
-// Row tiles: 16 tokens on one CTA or on a cluster (CudaForwardOptions::row_cluster_split), or 64.
+// Row tiles: 16 tokens on one CTA or on a cluster (CudaForwardOptions::row_cluster_split), or 64;
+// attention tiles of 64 or 128 queries, or 16 with the keys split over warps (bf16; fp32 takes
+// 64 there).
 struct RowTiling {
   int rows;
   int cluster_split;
+  int attn_queries;
   const char* name;
 };
-const RowTiling kRows16{16, 1, "rows16"}, kRows16Split{16, 4, "rows16x4"}, kRows64{64, 1, "rows64"};
+const RowTiling kRows16{16, 1, 64, "rows16"}, kRows16Split{16, 4, 16, "rows16x4_q16"},
+    kRows64{64, 1, 128, "rows64"};
 
 // The last parameter selects the kernels kept for comparison (the mma.sync row kernel and the
 // one-CTA-per-item attention) instead of the bf16 defaults on Hopper.
@@ -184,7 +188,8 @@ TEST_P(GpuRandomTest, MatchesReference) {
   options.precision = precision;
   options.row_tile_rows = tile_rows;
   options.row_cluster_split = tiling.cluster_split;
-  options.attn_tile_queries = tile_rows == 16 ? 64 : 128;
+  options.attn_tile_queries =
+      tiling.attn_queries == 16 && precision != CudaPrecision::kBf16 ? 64 : tiling.attn_queries;
   options.use_wgmma = !comparison_kernels;
   options.persistent_attention = !comparison_kernels;
   absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, options);
@@ -255,14 +260,16 @@ TEST(GpuForwardTest, SharpAttentionMatchesReference) {
       }
     }
   }
-  auto run = [&](CudaPrecision p, bool comparison_kernels) {
+  // attn_queries 16: the attention with the keys split over warps, which combines the warps'
+  // partial results at different offsets.
+  auto run = [&](CudaPrecision p, bool comparison_kernels, int attn_queries = 128) {
     CudaForwardOptions options;
     options.max_batch_size = 4;
     options.max_seq_len = 186;
     options.max_context_len = 64;
     options.precision = p;
     options.row_tile_rows = 64;
-    options.attn_tile_queries = 128;
+    options.attn_tile_queries = attn_queries;
     options.use_wgmma = !comparison_kernels;
     options.persistent_attention = !comparison_kernels;
     auto fwd = CudaForward::Create(weights, options);
@@ -284,14 +291,24 @@ TEST(GpuForwardTest, SharpAttentionMatchesReference) {
     EXPECT_LE(err, Tolerance(p));
     if (p == CudaPrecision::kBf16) {
       const RandomBatch c = run(p, true);
-      std::vector<float> got, want;
-      for (size_t i = 0; i < b.x_out.size(); ++i) {
-        got.insert(got.end(), b.x_out[i].begin(), b.x_out[i].end());
-        want.insert(want.end(), c.x_out[i].begin(), c.x_out[i].end());
-      }
-      const double diff = testing::RelativeError(got, want);
-      std::printf("sharp attention bf16 against the comparison kernels: rel diff %.3g\n", diff);
-      EXPECT_LE(diff, 5e-3);
+      auto diff = [&](const RandomBatch& x) {
+        std::vector<float> got, want;
+        for (size_t i = 0; i < x.x_out.size(); ++i) {
+          got.insert(got.end(), x.x_out[i].begin(), x.x_out[i].end());
+          want.insert(want.end(), c.x_out[i].begin(), c.x_out[i].end());
+        }
+        return testing::RelativeError(got, want);
+      };
+      const double d = diff(b);
+      std::printf("sharp attention bf16 against the comparison kernels: rel diff %.3g\n", d);
+      EXPECT_LE(d, 5e-3);
+      const RandomBatch split = run(p, false, 16);
+      const double ds = diff(split);
+      const double es = CompareWithReference(weights, split, {0, 1, 2, 3});
+      std::printf("sharp attention bf16, keys split over warps: rel err %.3g, rel diff against "
+                  "the comparison kernels %.3g\n", es, ds);
+      EXPECT_LE(es, Tolerance(p));
+      EXPECT_LE(ds, 5e-3);
     }
   }
 }
@@ -368,6 +385,11 @@ TEST(GpuForwardTest, RejectsBatchesOverCapacity) {
   options.row_cluster_split = 2;
   EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
             absl::StatusCode::kInvalidArgument);
+  options.row_cluster_split = 0;
+  options.attn_tile_queries = 16;
+  options.precision = CudaPrecision::kFp32Accurate;
+  EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(GpuForwardTest, UnsupportedShapeIsUnimplemented) {
@@ -388,13 +410,15 @@ TEST(GpuForwardTest, SanitizerCase) {
   config.num_layers = 1;
   const ModelWeights weights = ModelWeights::Deterministic(config, 3);
   for (CudaPrecision p : {CudaPrecision::kBf16, CudaPrecision::kFp32Accurate}) {
-    // 4: 16-token tiles split over clusters; 0: 64-token tiles on the comparison kernels.
+    // 4: 16-token tiles split over clusters and (bf16) attention split over keys; 0: 64-token
+    // tiles on the comparison kernels.
     for (int variant : {16, 4, 64, 0}) {
       const int rows = variant == 0 ? 64 : variant == 4 ? 16 : variant;
       CudaForwardOptions options;
       options.use_wgmma = variant != 0;
       options.persistent_attention = variant != 0;
       options.row_cluster_split = variant == 4 ? 4 : 1;
+      options.attn_tile_queries = variant == 4 && p == CudaPrecision::kBf16 ? 16 : 0;
       options.max_batch_size = 3;
       options.max_seq_len = 70;
       options.max_context_len = 9;

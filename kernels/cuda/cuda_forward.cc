@@ -370,7 +370,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   const int mb = options.max_batch_size, ml = options.max_seq_len, mc = options.max_context_len;
   max_tokens = mb * (ml + mc);
   max_row_tiles = mb * (CeilDiv(ml, 16) + CeilDiv(mc, 16));
-  max_attn_tiles = mb * CeilDiv(ml + mc, 64);
+  max_attn_tiles = mb * CeilDiv(ml + mc, 16);
   const int64_t wl = CeilDiv(ml, 32);
   max_mask_words = static_cast<size_t>(std::min<int64_t>(
       static_cast<int64_t>(mb) * (ml + 2) * wl, options.max_mask_bytes / 4));
@@ -409,7 +409,7 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   }
   if (absl::Status s = ValidateBatch(config, b); !s.ok()) return s;
   size_t mask_words = 0;
-  int tiles64 = 0, tiles16 = 0, attn128 = 0;
+  int tiles64 = 0, tiles16 = 0, attn128 = 0, attn16 = 0;
   for (int i = 0; i < static_cast<int>(b.size()); ++i) {
     const ForwardSample& s = b[i];
     if (s.seq_len > options.max_seq_len || s.context_len > options.max_context_len) {
@@ -422,6 +422,7 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     tiles64 += CeilDiv(s.seq_len, 64) + CeilDiv(s.context_len, 64);
     tiles16 += CeilDiv(s.seq_len, 16) + CeilDiv(s.context_len, 16);
     attn128 += CeilDiv(s.seq_len + s.context_len, 128);
+    attn16 += CeilDiv(s.seq_len + s.context_len, 16);
   }
   if (mask_words > max_mask_words) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -456,6 +457,10 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   tile_queries = options.attn_tile_queries;
   if (tile_queries == 0) {
     tile_queries = attn128 * h < 2 * num_sms ? 64 : 128;
+    if (precision == Precision::kBf16 && options.persistent_attention &&
+        attn16 * h <= 2 * num_sms) {
+      tile_queries = 16;
+    }
   }
 
   auto* samples = reinterpret_cast<SampleInfo*>(host_io + off_samples);
@@ -601,9 +606,10 @@ absl::Status CudaForwardImpl::RunStaged() {
   if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
   Launched("row");
   for (int l = 0; l < n; ++l) {
-    if (absl::Status s = persistent
-                             ? cuda::LaunchAttentionBf16Persistent(tp, tile_queries, stream)
-                             : cuda::LaunchAttention(tp, precision, tile_queries, stream);
+    if (absl::Status s =
+            tile_queries == 16 ? cuda::LaunchAttentionSplitKeys(tp, stream)
+            : persistent       ? cuda::LaunchAttentionBf16Persistent(tp, tile_queries, stream)
+                               : cuda::LaunchAttention(tp, precision, tile_queries, stream);
         !s.ok()) {
       return s;
     }
@@ -679,10 +685,13 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
                                                    cuda::kClusterSplit, "; was ",
                                                    options.row_cluster_split));
   }
-  if (options.attn_tile_queries != 0 && options.attn_tile_queries != 64 &&
-      options.attn_tile_queries != 128) {
+  if (options.attn_tile_queries == 16 && options.precision != CudaPrecision::kBf16) {
+    return absl::InvalidArgumentError("attn_tile_queries 16 (keys split over warps) is bf16 only");
+  }
+  if (options.attn_tile_queries != 0 && options.attn_tile_queries != 16 &&
+      options.attn_tile_queries != 64 && options.attn_tile_queries != 128) {
     return absl::InvalidArgumentError(
-        absl::StrCat("attn_tile_queries must be 0, 64 or 128; was ", options.attn_tile_queries));
+        absl::StrCat("attn_tile_queries must be 0, 16, 64 or 128; was ", options.attn_tile_queries));
   }
   if (c.head_dim() != cuda::kHeadDim || (c.dim != 128 && c.dim != 64) ||
       c.dim_feedforward % c.dim != 0 || (c.dim == 64 && options.row_tile_rows == 16)) {

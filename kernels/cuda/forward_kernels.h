@@ -200,6 +200,8 @@ absl::Status LaunchAttention(const AttentionParams& params, Precision precision,
 // bf16 only: the persistent kernel (attention_bf16.cu), tiles of 64 or 128 queries.
 absl::Status LaunchAttentionBf16Persistent(const AttentionParams& params, int tile_queries,
                                            cudaStream_t stream);
+// bf16 only: tiles of 16 queries, the keys split over a CTA's warps (attention_split_keys.cu).
+absl::Status LaunchAttentionSplitKeys(const AttentionParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mmdit
