@@ -25,8 +25,7 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kStageKeys = 256;
 constexpr int kKeyBlock = 64;
-constexpr int kRowStride = 24;     // bf16 per staged row: 48 bytes, conflict-free for ldmatrix
-constexpr float kLazyLog2 = 8.0f;  // see the lazy maximum in the key loop
+constexpr int kRowStride = kBf16RowStride;
 
 struct StageBuffers {
   bf16 k[2][kStageKeys * kRowStride];
@@ -53,18 +52,6 @@ __device__ __forceinline__ Item DecodeItem(const AttentionParams& p, int index, 
 
 __device__ __forceinline__ void CpAsyncWaitPrior() {
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-}
-
-// ldmatrix x4 at a shared-memory address (this lane's row), plain and transposed.
-__device__ __forceinline__ void LdMatrixX4At(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void LdMatrixX4TransAt(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
 }
 
 // Keys [st * kStageKeys, +kStageKeys) of the item's head: K and V rows of 16 values.
@@ -110,12 +97,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const int end = (int)((int64_t)(blockIdx.x + 1) * num_items / gridDim.x);
   if (begin >= end) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  // ldmatrix row addresses of this lane within a 16-key group: K (keys x dims, not transposed)
-  // and V (transposed), see the fragment layouts in mma.cuh.
-  const uint32_t k_lane =
-      2 * ((((lane >> 4) << 3) + (lane & 7)) * kRowStride + (((lane >> 3) & 1) << 3));
-  const uint32_t v_lane =
-      2 * (((((lane >> 3) & 1) << 3) + (lane & 7)) * kRowStride + ((lane >> 4) << 3));
+  const uint32_t k_lane = KRowOffset(lane), v_lane = VRowOffset(lane);
 
   const int log2_heads = __ffs(p.dim / kHeadDim) - 1;
   int index = begin, st = 0, buf = 0;
@@ -162,13 +144,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       constexpr int kMode = decltype(mode)::value;
       const uint32_t kl_bytes = (kb - kstage) * kRowStride * 2;
       float s[8][4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        uint32_t kf[4];
-        LdMatrixX4At(kf, k_base + kl_bytes + 16 * u * kRowStride * 2);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) MmaBf16Zero(s[2 * u + h], qa, kf[2 * h], kf[2 * h + 1]);
-      }
+      ScoreBlockBf16(s, qa, k_base + kl_bytes);
       if constexpr (kMode == 2) {
         MaskScoreBlock(s, mask, it.seq_len, it.num_keys, rr0, rr1, kb, t);
       } else if constexpr (kMode == 1) {
@@ -186,43 +162,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       }
       float mx0, mx1;
       BlockRowMax(s, mx0, mx1);
-      // Lazy maximum: the offset m moves (and o, l are rescaled) only when a row's block maximum
-      // exceeds it by more than kLazyLog2 in exp2 units, decided for the whole warp. Skipped,
-      // the exponentials stay below 2^kLazyLog2, far inside bf16 and fp32 range, and o / l does
-      // not depend on the offset.
-      if (__any_sync(0xffffffffu, mx0 > m0 + lazy || mx1 > m1 + lazy)) {
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float nb0 = mn0 == -INFINITY ? 0.0f : mn0 * p.scale_log2;
-        const float nb1 = mn1 == -INFINITY ? 0.0f : mn1 * p.scale_log2;
-        const float al0 = Exp2(m0 * p.scale_log2 - nb0), al1 = Exp2(m1 * p.scale_log2 - nb1);
-        m0 = mn0;
-        m1 = mn1;
-        b0 = nb0;
-        b1 = nb1;
-        ScaleRows(o, al0, al1);
-        ScaleRows(osum, al0, al1);
-      }
-      // Exponentials in fp32, packed to bf16 as P's A operand (ex2.approx.bf16x2 is two MUFU
-      // operations and a PRMT in SASS: no cheaper). Row sums come from the tensor cores as P
-      // times a column of ones.
-      constexpr uint32_t kOnes = 0x3f803f80u;  // bf16x2 (1, 1)
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        uint32_t a[4];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int j = 2 * u + h;
-          a[2 * h] = PackBf16(Exp2(fmaf(s[j][0], p.scale_log2, -b0)),
-                              Exp2(fmaf(s[j][1], p.scale_log2, -b0)));
-          a[2 * h + 1] = PackBf16(Exp2(fmaf(s[j][2], p.scale_log2, -b1)),
-                                  Exp2(fmaf(s[j][3], p.scale_log2, -b1)));
-        }
-        uint32_t vf[4];
-        LdMatrixX4TransAt(vf, v_base + kl_bytes + 16 * u * kRowStride * 2);
-        MmaBf16(o[0], a, vf[0], vf[1]);
-        MmaBf16(o[1], a, vf[2], vf[3]);
-        MmaBf16(osum, a, kOnes, kOnes);
-      }
+      LazyRescale(mx0, mx1, lazy, p.scale_log2, m0, m1, b0, b1, o, osum);
+      AccumulatePV(s, b0, b1, p.scale_log2, v_base + kl_bytes, o, osum);
     };
     if (active) {
       const int kend = min(it.num_keys, kstage + kStageKeys);

@@ -1,10 +1,13 @@
-// What the two attention kernels share: exp2 on the MUFU, the visibility bits of the mask
+// What the attention kernels share: exp2 on the MUFU, the visibility bits of the mask
 // (MODEL.md step 6), and the per-block steps of the online softmax on a warp's 16 x 64 score
 // block in the m16n8 accumulator layout (s[j][0..1]: row g, keys 8j + 2t, +1; s[j][2..3]:
-// row g + 8).
+// row g + 8); for the bf16 kernels with K and V staged row-major (attention_bf16.cu,
+// attention_split_keys.cu), the block's products and its lazy offset update.
 #pragma once
 
 #include <cstdint>
+
+#include "kernels/cuda/mma.cuh"
 
 namespace mmdit {
 namespace cuda {
@@ -94,6 +97,90 @@ template <int kN>
 __device__ __forceinline__ void ScaleRows(float (&o)[kN][4], float al0, float al1) {
 #pragma unroll
   for (int n = 0; n < kN; ++n) ScaleRows(o[n], al0, al1);
+}
+
+// bf16 K and V rows staged as in global memory, kBf16RowStride values apart (48 bytes:
+// conflict-free ldmatrix). The byte offsets of this lane's ldmatrix rows within a 16-key group:
+// K (keys x dims, not transposed) and V (transposed), see the fragment layouts in mma.cuh.
+constexpr int kBf16RowStride = 24;
+__device__ __forceinline__ uint32_t KRowOffset(int lane) {
+  return 2 * ((((lane >> 4) << 3) + (lane & 7)) * kBf16RowStride + (((lane >> 3) & 1) << 3));
+}
+__device__ __forceinline__ uint32_t VRowOffset(int lane) {
+  return 2 * (((((lane >> 3) & 1) << 3) + (lane & 7)) * kBf16RowStride + ((lane >> 4) << 3));
+}
+
+// ldmatrix x4 at a shared-memory address (this lane's row), plain and transposed.
+__device__ __forceinline__ void LdMatrixX4At(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void LdMatrixX4TransAt(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// The raw scores Q K^T of the 64 keys whose K rows start at k_addr (this lane's row offset
+// included).
+__device__ __forceinline__ void ScoreBlockBf16(float (&s)[8][4], const uint32_t (&qa)[4],
+                                               uint32_t k_addr) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    uint32_t kf[4];
+    LdMatrixX4At(kf, k_addr + 16 * u * kBf16RowStride * 2);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) MmaBf16Zero(s[2 * u + h], qa, kf[2 * h], kf[2 * h + 1]);
+  }
+}
+
+// Lazy maximum: the offsets m (raw scores; b = m * scale_log2, 0 while -inf) move, and o and the
+// row sums are rescaled, only when a row's block maximum exceeds its offset by more than `lazy`
+// (kLazyLog2 in exp2 units), decided for the whole warp. Skipped, the exponentials stay below
+// 2^kLazyLog2, far inside bf16 and fp32 range, and o / l does not depend on the offset.
+constexpr float kLazyLog2 = 8.0f;
+__device__ __forceinline__ void LazyRescale(float mx0, float mx1, float lazy, float scale_log2,
+                                            float& m0, float& m1, float& b0, float& b1,
+                                            float (&o)[2][4], float (&osum)[4]) {
+  if (__any_sync(0xffffffffu, mx0 > m0 + lazy || mx1 > m1 + lazy)) {
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float nb0 = mn0 == -INFINITY ? 0.0f : mn0 * scale_log2;
+    const float nb1 = mn1 == -INFINITY ? 0.0f : mn1 * scale_log2;
+    const float al0 = Exp2(m0 * scale_log2 - nb0), al1 = Exp2(m1 * scale_log2 - nb1);
+    m0 = mn0;
+    m1 = mn1;
+    b0 = nb0;
+    b1 = nb1;
+    ScaleRows(o, al0, al1);
+    ScaleRows(osum, al0, al1);
+  }
+}
+
+// o += P V and osum += P 1 for P = exp2(s * scale_log2 - b) of the 64 keys whose V rows start at
+// v_addr (this lane's row offset included). Exponentials in fp32, packed to bf16 as P's A
+// operand (ex2.approx.bf16x2 is two MUFU operations and a PRMT in SASS: no cheaper); row sums
+// from the tensor cores as P times a column of ones.
+__device__ __forceinline__ void AccumulatePV(const float (&s)[8][4], float b0, float b1,
+                                             float scale_log2, uint32_t v_addr, float (&o)[2][4],
+                                             float (&osum)[4]) {
+  constexpr uint32_t kOnes = 0x3f803f80u;  // bf16x2 (1, 1)
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    uint32_t a[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = 2 * u + h;
+      a[2 * h] = PackBf16(Exp2(fmaf(s[j][0], scale_log2, -b0)), Exp2(fmaf(s[j][1], scale_log2, -b0)));
+      a[2 * h + 1] =
+          PackBf16(Exp2(fmaf(s[j][2], scale_log2, -b1)), Exp2(fmaf(s[j][3], scale_log2, -b1)));
+    }
+    uint32_t vf[4];
+    LdMatrixX4TransAt(vf, v_addr + 16 * u * kBf16RowStride * 2);
+    MmaBf16(o[0], a, vf[0], vf[1]);
+    MmaBf16(o[1], a, vf[2], vf[3]);
+    MmaBf16(osum, a, kOnes, kOnes);
+  }
 }
 
 }  // namespace cuda

@@ -9,7 +9,6 @@
 #include <cuda_bf16.h>
 
 #include <atomic>
-#include <type_traits>
 
 #include "kernels/cuda/attention_common.cuh"
 #include "kernels/cuda/cuda_check.h"
@@ -24,7 +23,7 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kWarps = 4;
 constexpr int kKeyBlock = 64;
-constexpr int kRowStride = 24;  // bf16 per staged row: 48 bytes, conflict-free for ldmatrix
+constexpr int kRowStride = kBf16RowStride;
 
 struct WarpBuffers {
   bf16 k[2][kKeyBlock * kRowStride];
@@ -57,11 +56,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionSplitKeysKernel(const At
   const bf16* k = static_cast<const bf16*>(p.k) + base;
   const bf16* v = static_cast<const bf16*>(p.v) + base;
   WarpBuffers& wb = sm.warp[warp];
-  // ldmatrix row addresses of this lane within a 16-key group (see attention_bf16.cu).
-  const uint32_t k_lane =
-      2 * ((((lane >> 4) << 3) + (lane & 7)) * kRowStride + (((lane >> 3) & 1) << 3));
-  const uint32_t v_lane =
-      2 * (((((lane >> 3) & 1) << 3) + (lane & 7)) * kRowStride + ((lane >> 4) << 3));
+  const uint32_t k_lane = KRowOffset(lane), v_lane = VRowOffset(lane);
 
   auto stage = [&](int kb, int buf) {
 #pragma unroll
@@ -88,6 +83,8 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionSplitKeysKernel(const At
   }
 
   float m0 = -INFINITY, m1 = -INFINITY;  // offsets of rows g, g + 8 (raw scores)
+  float b0 = 0.0f, b1 = 0.0f;            // the same times scale_log2 (0 while -inf)
+  const float lazy = kLazyLog2 / p.scale_log2;
   float o[2][4] = {};
   float osum[4] = {};  // row sums of P: rows g (0, 1) and g + 8 (2, 3)
   for (int buf = 0; kb < T; kb += kWarps * kKeyBlock, buf ^= 1) {
@@ -102,48 +99,14 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionSplitKeysKernel(const At
     const uint32_t k_base = k_lane + static_cast<uint32_t>(__cvta_generic_to_shared(wb.k[buf]));
     const uint32_t v_base = v_lane + static_cast<uint32_t>(__cvta_generic_to_shared(wb.v[buf]));
     float s[8][4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      uint32_t kf[4];
-      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(kf[0]), "=r"(kf[1]), "=r"(kf[2]), "=r"(kf[3])
-                   : "r"(k_base + 16 * u * kRowStride * 2));
-#pragma unroll
-      for (int h = 0; h < 2; ++h) MmaBf16Zero(s[2 * u + h], qa, kf[2 * h], kf[2 * h + 1]);
-    }
+    ScoreBlockBf16(s, qa, k_base);
     if (mask != nullptr || kb + kKeyBlock > T) {
       MaskScoreBlock(s, mask, tile.seq_len, T, rr0, rr1, kb, t);
     }
     float mx0, mx1;
     BlockRowMax(s, mx0, mx1);
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float b0 = mn0 == -INFINITY ? 0.0f : mn0 * p.scale_log2;
-    const float b1 = mn1 == -INFINITY ? 0.0f : mn1 * p.scale_log2;
-    const float al0 = Exp2(m0 * p.scale_log2 - b0), al1 = Exp2(m1 * p.scale_log2 - b1);
-    m0 = mn0;
-    m1 = mn1;
-    ScaleRows(o, al0, al1);
-    ScaleRows(osum, al0, al1);
-    constexpr uint32_t kOnes = 0x3f803f80u;  // bf16x2 (1, 1)
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      uint32_t a[4];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int j = 2 * u + h;
-        a[2 * h] = PackBf16(Exp2(fmaf(s[j][0], p.scale_log2, -b0)),
-                            Exp2(fmaf(s[j][1], p.scale_log2, -b0)));
-        a[2 * h + 1] = PackBf16(Exp2(fmaf(s[j][2], p.scale_log2, -b1)),
-                                Exp2(fmaf(s[j][3], p.scale_log2, -b1)));
-      }
-      uint32_t vf[4];
-      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(vf[0]), "=r"(vf[1]), "=r"(vf[2]), "=r"(vf[3])
-                   : "r"(v_base + 16 * u * kRowStride * 2));
-      MmaBf16(o[0], a, vf[0], vf[1]);
-      MmaBf16(o[1], a, vf[2], vf[3]);
-      MmaBf16(osum, a, kOnes, kOnes);
-    }
+    LazyRescale(mx0, mx1, lazy, p.scale_log2, m0, m1, b0, b1, o, osum);
+    AccumulatePV(s, b0, b1, p.scale_log2, v_base, o, osum);
     __syncwarp();  // this buffer's ldmatrix reads are done before it is refilled
   }
 
@@ -158,8 +121,9 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionSplitKeysKernel(const At
   mine.l1 = osum[2];
   __syncthreads();
   if (warp != 0) return;
-  // Warp 0 combines the four partials of its lane's rows: each rescaled to the largest offset
-  // (a warp that saw no visible key of a row has offset -inf and weight 0).
+  // Warp 0 combines the four partials of its lane's rows, each rescaled to the largest offset (a
+  // warp's partial is relative to its own offset, which the lazy maximum keeps within 2^8 of its
+  // largest score; a warp that saw no visible key of a row has offset -inf and weight 0).
   float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) {

@@ -480,37 +480,35 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
       // remotely stalled on distributed shared memory latency: a sixth of the kernel at B = 1),
       // in the same order as the others, so that the residual stays identical across the cluster.
       constexpr int kSlot = kM * kXs;
-      ClusterWait();
-#pragma unroll
-      for (int q = 0; q < kSplit; ++q) {
+      // f(row, column, element pair) for each of this thread's pairs of acc2.
+      auto each_pair = [&](auto f) {
 #pragma unroll
         for (int n = 0; n < kNT; ++n) {
           const int col = (warp * kNT + n) * 8 + 2 * t;
 #pragma unroll
           for (int m = 0; m < kMT; ++m) {
-            const float* dst = ps + rank * kSlot + (16 * m + g) * kXs + col;
-            StoreCluster2(MapShared(dst, q), acc2[m][n][0], acc2[m][n][1]);
-            StoreCluster2(MapShared(dst + 8 * kXs, q), acc2[m][n][2], acc2[m][n][3]);
+            f(16 * m + g, col, acc2[m][n][0], acc2[m][n][1]);
+            f(16 * m + g + 8, col, acc2[m][n][2], acc2[m][n][3]);
           }
         }
+      };
+      ClusterWait();
+#pragma unroll
+      for (int q = 0; q < kSplit; ++q) {
+        each_pair([&](int row, int col, float& a, float& b) {
+          StoreCluster2(MapShared(ps + rank * kSlot + row * kXs + col, q), a, b);
+        });
       }
       ClusterArrive();
       ClusterWait();
       ZeroAcc(acc2);
 #pragma unroll
       for (int q = 0; q < kSplit; ++q) {
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          const int col = (warp * kNT + n) * 8 + 2 * t;
-#pragma unroll
-          for (int m = 0; m < kMT; ++m) {
-            const float* src = ps + q * kSlot + (16 * m + g) * kXs + col;
-            const float2 v0 = *reinterpret_cast<const float2*>(src);
-            const float2 v1 = *reinterpret_cast<const float2*>(src + 8 * kXs);
-            acc2[m][n][0] += v0.x, acc2[m][n][1] += v0.y;
-            acc2[m][n][2] += v1.x, acc2[m][n][3] += v1.y;
-          }
-        }
+        each_pair([&](int row, int col, float& a, float& b) {
+          const float2 v = *reinterpret_cast<const float2*>(ps + q * kSlot + row * kXs + col);
+          a += v.x;
+          b += v.y;
+        });
       }
     }
 #pragma unroll
