@@ -165,8 +165,8 @@ struct RowTiling {
   int attn_queries;
   const char* name;
 };
-const RowTiling kRows16{16, 1, 64, "rows16"}, kRows16Split{16, 4, 16, "rows16x4_q16"},
-    kRows64{64, 1, 128, "rows64"};
+const RowTiling kRows16{16, 1, 64, "rows16"}, kRows16Split2{16, 2, 64, "rows16x2"},
+    kRows16Split{16, 4, 16, "rows16x4_q16"}, kRows64{64, 1, 128, "rows64"};
 
 // The last parameter selects the kernels kept for comparison (the mma.sync row kernel and the
 // one-CTA-per-item attention) instead of the bf16 defaults on Hopper.
@@ -231,7 +231,7 @@ INSTANTIATE_TEST_SUITE_P(
     Random, GpuRandomTest,
     ::testing::Combine(::testing::ValuesIn(kCases),
                        ::testing::Values(CudaPrecision::kBf16, CudaPrecision::kFp32Accurate),
-                       ::testing::Values(kRows16, kRows16Split, kRows64),
+                       ::testing::Values(kRows16, kRows16Split2, kRows16Split, kRows64),
                        ::testing::Values(false)),
     RandomName);
 
@@ -382,7 +382,7 @@ TEST(GpuForwardTest, RejectsBatchesOverCapacity) {
   EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
             absl::StatusCode::kInvalidArgument);
   options.max_batch_size = 2;
-  options.row_cluster_split = 2;
+  options.row_cluster_split = 3;
   EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
             absl::StatusCode::kInvalidArgument);
   options.row_cluster_split = 0;
@@ -410,14 +410,14 @@ TEST(GpuForwardTest, SanitizerCase) {
   config.num_layers = 1;
   const ModelWeights weights = ModelWeights::Deterministic(config, 3);
   for (CudaPrecision p : {CudaPrecision::kBf16, CudaPrecision::kFp32Accurate}) {
-    // 4: 16-token tiles split over clusters and (bf16) attention split over keys; 0: 64-token
-    // tiles on the comparison kernels.
-    for (int variant : {16, 4, 64, 0}) {
-      const int rows = variant == 0 ? 64 : variant == 4 ? 16 : variant;
+    // 2, 4: 16-token tiles split over clusters of that size, with 4 (bf16) attention split over
+    // keys; 0: 64-token tiles on the comparison kernels.
+    for (int variant : {16, 2, 4, 64, 0}) {
+      const int rows = variant == 0 || variant == 64 ? 64 : 16;
       CudaForwardOptions options;
       options.use_wgmma = variant != 0;
       options.persistent_attention = variant != 0;
-      options.row_cluster_split = variant == 4 ? 4 : 1;
+      options.row_cluster_split = variant == 2 || variant == 4 ? variant : 1;
       options.attn_tile_queries = variant == 4 && p == CudaPrecision::kBf16 ? 16 : 0;
       options.max_batch_size = 3;
       options.max_seq_len = 70;

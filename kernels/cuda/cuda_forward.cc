@@ -441,17 +441,21 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     const int small = d_wgmma_images != nullptr ? num_sms * 3 / 4 : num_sms;
     tile_rows = (d == 128 && tiles64 < small) ? 16 : 64;
   }
-  // 16-token tiles split over clusters while the split grid is about one CTA per SM. H100, graph
-  // ms with / without (target shape, 16 tiles per sample): bf16 B = 1 0.206 / 0.235, B = 2 0.232
-  // / 0.241, B = 3 0.255 / 0.242; fp32 B = 3 0.428 / 0.563, B = 4 0.626 / 0.573.
+  // 16-token tiles split over clusters of four or two CTAs while the split grid stays small (H100,
+  // graph ms at the target shape, 16 tiles per sample, split 1 / 2 / 4): bf16 B = 2 0.283 / 0.202
+  // / 0.225, B = 4 0.305 / 0.268 / 0.382, B = 8 0.314 / 0.288 / 0.591, B = 16 0.355 / 0.504 /
+  // 0.962; fp32 B = 2 0.542 / 0.451 / 0.376, B = 4 0.579 / 0.469 / 0.627, B = 8 0.614 / 0.514 /
+  // 0.892, B = 16 0.729 / 0.928 / 1.51.
   cluster_split = options.row_cluster_split;
   if (cluster_split == 0) {
-    const int split_ctas = tiles16 * cuda::kClusterSplit;
-    const bool small = precision == Precision::kBf16 ? split_ctas <= num_sms
-                                                     : 2 * split_ctas <= 3 * num_sms;
-    cluster_split = clusters_supported && d == 128 && tile_rows == 16 && small
-                        ? cuda::kClusterSplit
-                        : 1;
+    const bool bf16 = precision == Precision::kBf16;
+    cluster_split = 1;
+    if (tiles16 * cuda::kClusterSplit <= (bf16 ? num_sms / 2 : num_sms)) {
+      cluster_split = cuda::kClusterSplit;
+    } else if (tiles16 * 2 <= 2 * num_sms) {
+      cluster_split = 2;
+    }
+    if (!clusters_supported || d != 128) cluster_split = 1;
   }
   if (tile_rows != 16 || !clusters_supported) cluster_split = 1;
   tile_queries = options.attn_tile_queries;
@@ -680,8 +684,8 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
         absl::StrCat("row_tile_rows must be 0, 16 or 64; was ", options.row_tile_rows));
   }
   if (options.row_cluster_split != 0 && options.row_cluster_split != 1 &&
-      options.row_cluster_split != cuda::kClusterSplit) {
-    return absl::InvalidArgumentError(absl::StrCat("row_cluster_split must be 0, 1 or ",
+      options.row_cluster_split != 2 && options.row_cluster_split != cuda::kClusterSplit) {
+    return absl::InvalidArgumentError(absl::StrCat("row_cluster_split must be 0, 1, 2 or ",
                                                    cuda::kClusterSplit, "; was ",
                                                    options.row_cluster_split));
   }

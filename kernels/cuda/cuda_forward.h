@@ -38,7 +38,8 @@ struct CudaForwardOptions {
   // bf16: the persistent attention kernel (attention_bf16.cu); false: one CTA per item.
   bool persistent_attention = true;
   // CTAs per 16-token row tile on compute capability 9.0 and up: 0 picks by batch size, 1 one
-  // CTA, 4 a cluster of four that splits the tile's MLP and q/k/v passes (for measurements).
+  // CTA, 2 or 4 a cluster of that many that splits the tile's MLP and q/k/v passes (for
+  // measurements).
   int row_cluster_split = 0;
 };
 

@@ -55,7 +55,8 @@ __host__ __device__ constexpr int WgmmaFeature(int n) {
 }
 
 // Row tiles are listed x-stream tiles first, then context tiles.
-// Small batches: the CTAs of a cluster that share one 16-token tile of the mma.sync row kernel.
+// Small batches: the CTAs of a cluster that share one 16-token tile of the mma.sync row kernel
+// (at most; clusters of two take over at larger small batches).
 constexpr int kClusterSplit = 4;
 
 struct RowTile {
@@ -149,7 +150,8 @@ struct RowParams {
   // bf16, D = 128, 64-row tiles: the images of the wgmma row kernel ([N][2][chunks]); null:
   // the mma.sync kernel.
   const void* wgmma_images;
-  // The mma.sync kernel with 16-token tiles: CTAs per tile (1, or a cluster of kClusterSplit).
+  // The mma.sync kernel with 16-token tiles: CTAs per tile (1, or a cluster of 2 or
+  // kClusterSplit).
   int cluster_split;
 };
 

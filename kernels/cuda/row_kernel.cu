@@ -10,10 +10,10 @@
 // weight fragment is loaded once per CTA (from L2: the 14 MB of bf16 weights stay resident).
 //
 // Small batches (16-token tiles, few CTAs on a large GPU) split each tile over a cluster of
-// kClusterSplit CTAs: every CTA of the cluster computes the output projection and the norms of
-// the whole tile (one pass), takes 1/kClusterSplit of the MLP's hidden chunks and one of the q, k
+// kSplit = 2 or 4 CTAs: every CTA of the cluster computes the output projection and the norms of
+// the whole tile (one pass), takes 1/kSplit of the MLP's hidden chunks and its share of the q, k
 // and v passes; the MLP's partial down products are summed through distributed shared memory.
-// A CTA's serial chain drops from 12 GEMM passes to 4.
+// A CTA's serial chain drops from 12 GEMM passes to 4 (kSplit 4) or 7 (kSplit 2).
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/forward_kernels.h"
 #include "kernels/cuda/mma.cuh"
@@ -609,6 +609,10 @@ absl::Status LaunchRow(const RowParams& params, Precision precision, int dim, in
   if (dim == 128 && tile_rows == 16 && params.cluster_split == kClusterSplit) {
     return bf16 ? LaunchRowT<Precision::kBf16, 128, 1, kClusterSplit>(params, stream)
                 : LaunchRowT<Precision::kFp32, 128, 1, kClusterSplit>(params, stream);
+  }
+  if (dim == 128 && tile_rows == 16 && params.cluster_split == 2) {
+    return bf16 ? LaunchRowT<Precision::kBf16, 128, 1, 2>(params, stream)
+                : LaunchRowT<Precision::kFp32, 128, 1, 2>(params, stream);
   }
   if (dim == 128 && tile_rows == 16) {
     return bf16 ? LaunchRowT<Precision::kBf16, 128, 1, 1>(params, stream)

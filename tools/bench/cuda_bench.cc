@@ -196,7 +196,10 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
         const double anchor = AnchorMs(bf16, b);
         // Row tile rows (x CTAs per tile when split over a cluster) / attention tile queries.
         const std::string tiles =
-            absl::StrCat(f.tile_rows(), f.row_cluster_split() > 1 ? "x4" : "", "/",
+            absl::StrCat(f.tile_rows(),
+                         f.row_cluster_split() > 1 ? absl::StrCat("x", f.row_cluster_split())
+                                                   : std::string(),
+                         "/",
                          f.tile_queries());
         table += absl::StrFormat(
             "%-5s %5d %8s %10.4f %10.4f %12.0f %8.1f %6.1f%% %10s %s\n", bf16 ? "bf16" : "fp32",
