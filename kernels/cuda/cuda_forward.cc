@@ -370,6 +370,8 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   const int mb = options.max_batch_size, ml = options.max_seq_len, mc = options.max_context_len;
   max_tokens = mb * (ml + mc);
   max_row_tiles = mb * (CeilDiv(ml, 16) + CeilDiv(mc, 16));
+  // Groups of the wgmma row kernel hold 64-token tiles (at most one group per tile).
+  const int max_row_groups = mb * (CeilDiv(ml, 64) + CeilDiv(mc, 64));
   max_attn_tiles = mb * CeilDiv(ml + mc, 16);
   const int64_t wl = CeilDiv(ml, 32);
   max_mask_words = static_cast<size_t>(std::min<int64_t>(
@@ -377,7 +379,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   off_samples = 0;
   off_row_tiles = AlignUp(off_samples + sizeof(SampleInfo) * mb);
   off_row_groups = AlignUp(off_row_tiles + sizeof(RowTile) * max_row_tiles);
-  off_attn_tiles = AlignUp(off_row_groups + sizeof(RowGroup) * max_row_tiles);
+  off_attn_tiles = AlignUp(off_row_groups + sizeof(RowGroup) * max_row_groups);
   off_y = AlignUp(off_attn_tiles + sizeof(AttnTile) * max_attn_tiles);
   off_mask = AlignUp(off_y + sizeof(float) * mb * d);
   off_x = AlignUp(off_mask + sizeof(uint32_t) * max_mask_words);
