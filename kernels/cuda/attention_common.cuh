@@ -171,7 +171,8 @@ __device__ __forceinline__ void AccumulatePV(const float (&s)[8][4], float b0, f
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int j = 2 * u + h;
-      a[2 * h] = PackBf16(Exp2(fmaf(s[j][0], scale_log2, -b0)), Exp2(fmaf(s[j][1], scale_log2, -b0)));
+      a[2 * h] =
+          PackBf16(Exp2(fmaf(s[j][0], scale_log2, -b0)), Exp2(fmaf(s[j][1], scale_log2, -b0)));
       a[2 * h + 1] =
           PackBf16(Exp2(fmaf(s[j][2], scale_log2, -b1)), Exp2(fmaf(s[j][3], scale_log2, -b1)));
     }

@@ -15,8 +15,8 @@
 namespace mmdit {
 
 using cuda::AttnTile;
-using cuda::Precision;
 using cuda::GroupTile;
+using cuda::Precision;
 using cuda::RowGroup;
 using cuda::RowTile;
 using cuda::SampleInfo;
@@ -459,9 +459,8 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     } else if (tiles16 * 2 <= 2 * num_sms) {
       cluster_split = 2;
     }
-    if (!clusters_supported || d != 128) cluster_split = 1;
   }
-  if (tile_rows != 16 || !clusters_supported) cluster_split = 1;
+  if (tile_rows != 16 || !clusters_supported) cluster_split = 1;  // D = 64 has 64-token tiles
   tile_queries = options.attn_tile_queries;
   if (tile_queries == 0) {
     tile_queries = attn128 * h < 2 * num_sms ? 64 : 128;
@@ -699,7 +698,8 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
   if (options.attn_tile_queries != 0 && options.attn_tile_queries != 16 &&
       options.attn_tile_queries != 64 && options.attn_tile_queries != 128) {
     return absl::InvalidArgumentError(
-        absl::StrCat("attn_tile_queries must be 0, 16, 64 or 128; was ", options.attn_tile_queries));
+        absl::StrCat("attn_tile_queries must be 0, 16, 64 or 128; was ",
+                     options.attn_tile_queries));
   }
   if (c.head_dim() != cuda::kHeadDim || (c.dim != 128 && c.dim != 64) ||
       c.dim_feedforward % c.dim != 0 || (c.dim == 64 && options.row_tile_rows == 16)) {

@@ -54,11 +54,11 @@ __host__ __device__ constexpr int WgmmaFeature(int n) {
   return 16 * (n >> 4) + 4 * ((n & 7) >> 1) + 2 * ((n >> 3) & 1) + (n & 1);
 }
 
-// Row tiles are listed x-stream tiles first, then context tiles.
 // Small batches: the CTAs of a cluster that share one 16-token tile of the mma.sync row kernel
 // (at most; clusters of two take over at larger small batches).
 constexpr int kClusterSplit = 4;
 
+// Row tiles are listed x-stream tiles first, then context tiles.
 struct RowTile {
   int sample;
   int stream;  // 0: x, 1: context

@@ -38,12 +38,13 @@ struct RowShape {
   static constexpr int kRowsPerWarp = kM / 8;
   // The residual tile, the GEMM output (whose space the MLP's hidden chunk reuses: it is dead
   // from the end of the projection's epilogue to the q/k/v GEMMs) and the GEMM operand; with a
-  // cluster split, the partial down product the other CTAs of the cluster read.
+  // cluster split, one slot per CTA of the cluster for its partial down product.
   static constexpr size_t kOutBytes = sizeof(float) * kM * kXs > sizeof(T) * kM * kAs
                                          ? sizeof(float) * kM * kXs
                                          : sizeof(T) * kM * kAs;
-  static constexpr size_t kSmemBytes = sizeof(float) * kM * kXs + kOutBytes + sizeof(T) * kM * kAs;
-  static constexpr size_t kPartialBytes = sizeof(float) * kM * kXs;  // per CTA of a cluster
+  static constexpr size_t kSmemBytes =
+      sizeof(float) * kM * kXs + kOutBytes + sizeof(T) * kM * kAs;
+  static constexpr size_t kPartialBytes = sizeof(float) * kM * kXs;  // one slot
 };
 
 // The per-column vectors of a launch, staged in shared memory after the tiles (each pass read
@@ -165,7 +166,9 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
     for (int s = 0; s < kSteps; ++s) {
       if (s + kAhead < kSteps) {
 #pragma unroll
-        for (int n = 0; n < kNT; ++n) b[(s + kAhead) % (kAhead + 1)][n] = __ldg(wb[n] + (s + kAhead) * 32);
+        for (int n = 0; n < kNT; ++n) {
+          b[(s + kAhead) % (kAhead + 1)][n] = __ldg(wb[n] + (s + kAhead) * 32);
+        }
       }
       const float4(&bs)[kNT] = b[s % (kAhead + 1)];
 #pragma unroll
