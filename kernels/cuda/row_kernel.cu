@@ -391,39 +391,65 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
   }
   const float* up_b_base = stage_up_b ? vs + kVUpB * kD : (wp ? wp->up_b : nullptr);
   WaitForPredecessor();
-  {
+  // Every load of the tile's start is issued before the first store into shared memory: with
+  // in-order issue, each store held the loads after it behind its own L2 trip (three trips, the
+  // modulation, the residual and the attention rows, instead of one).
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kXLoads = kM * kD / 4 / kThreads;     // float4 of the residual per thread
+  constexpr int kALoads = kM * kD / kVec / kThreads;  // 16 bytes of attention output per thread
+  static_assert(kXLoads * 4 * kThreads == kM * kD && kALoads * kVec * kThreads == kM * kD,
+                "tile loads divide evenly over the threads");
+  float mv[6] = {};  // gate, scale, shift (attention), gate (MLP); scale, shift (q/k/v) of column
+  if (threadIdx.x < kD) {
+    const int i = threadIdx.x;
     const size_t per_sample = (size_t)p.num_layers * 2 * 6 * kD;
     const float* ms = p.mod + tile.sample * per_sample;
-    const float* mp = ms + ((size_t)p.post_layer * 2 + tile.stream) * 6 * kD;
-    const float* mq = ms + ((size_t)p.qkv_layer * 2 + tile.stream) * 6 * kD;
-    for (int i = threadIdx.x; i < kD; i += kThreads) {
-      if (wp) {
-        vs[kVGateAttn * kD + i] = mp[2 * kD + i];
-        vs[kVScaleMlp * kD + i] = 1.0f + mp[3 * kD + i];
-        vs[kVShiftMlp * kD + i] = mp[4 * kD + i];
-        vs[kVGateMlp * kD + i] = mp[5 * kD + i];
-      }
-      if (wq) {
-        vs[kVScaleAttn * kD + i] = 1.0f + mq[i];
-        vs[kVShiftAttn * kD + i] = mq[kD + i];
-      }
+    if (wp) {
+      const float* mp = ms + ((size_t)p.post_layer * 2 + tile.stream) * 6 * kD;
+      for (int k = 0; k < 4; ++k) mv[k] = mp[(2 + k) * kD + i];
+    }
+    if (wq) {
+      const float* mq = ms + ((size_t)p.qkv_layer * 2 + tile.stream) * 6 * kD;
+      mv[4] = mq[i];
+      mv[5] = mq[kD + i];
     }
   }
-
-  for (int i = threadIdx.x; i < kM * kD / 4; i += kThreads) {
-    const int r = i / (kD / 4), c = (i % (kD / 4)) * 4;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < rows) v = *reinterpret_cast<const float4*>(p.x_src + (size_t)(tok0 + r) * kD + c);
-    *reinterpret_cast<float4*>(xs + r * kXs + c) = v;
+  float4 xv[kXLoads];
+#pragma unroll
+  for (int k = 0; k < kXLoads; ++k) {
+    const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
+    xv[k] = r < rows ? *reinterpret_cast<const float4*>(p.x_src + (size_t)(tok0 + r) * kD + c)
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
   }
+  uint4 av[kALoads];
   if (p.post_layer >= 0) {  // the attention output, the projection's operand
     const T* attn = static_cast<const T*>(p.attn);
-    constexpr int kVec = 16 / sizeof(T);
-    for (int i = threadIdx.x; i < kM * kD / kVec; i += kThreads) {
-      const int r = i / (kD / kVec), c = (i % (kD / kVec)) * kVec;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (r < rows) v = *reinterpret_cast<const uint4*>(attn + (size_t)(tok0 + r) * kD + c);
-      *reinterpret_cast<uint4*>(as + r * kAs + c) = v;
+#pragma unroll
+    for (int k = 0; k < kALoads; ++k) {
+      const int e = threadIdx.x + k * kThreads, r = e / (kD / kVec), c = (e % (kD / kVec)) * kVec;
+      av[k] = r < rows ? *reinterpret_cast<const uint4*>(attn + (size_t)(tok0 + r) * kD + c)
+                       : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  if (threadIdx.x < kD) {
+    const int i = threadIdx.x;
+    vs[kVGateAttn * kD + i] = mv[0];
+    vs[kVScaleMlp * kD + i] = 1.0f + mv[1];
+    vs[kVShiftMlp * kD + i] = mv[2];
+    vs[kVGateMlp * kD + i] = mv[3];
+    vs[kVScaleAttn * kD + i] = 1.0f + mv[4];
+    vs[kVShiftAttn * kD + i] = mv[5];
+  }
+#pragma unroll
+  for (int k = 0; k < kXLoads; ++k) {
+    const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
+    *reinterpret_cast<float4*>(xs + r * kXs + c) = xv[k];
+  }
+  if (p.post_layer >= 0) {
+#pragma unroll
+    for (int k = 0; k < kALoads; ++k) {
+      const int e = threadIdx.x + k * kThreads, r = e / (kD / kVec), c = (e % (kD / kVec)) * kVec;
+      *reinterpret_cast<uint4*>(as + r * kAs + c) = av[k];
     }
   }
   __syncthreads();  // the row passes read rows that other warps loaded
