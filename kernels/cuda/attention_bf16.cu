@@ -24,30 +24,24 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 constexpr int kStageKeys = 256;
-constexpr int kKeyBlock = 64;
-constexpr int kRowStride = kBf16RowStride;
 
 struct StageBuffers {
-  bf16 k[2][kStageKeys * kRowStride];
-  bf16 v[2][kStageKeys * kRowStride];
+  bf16 k[2][kStageKeys * kBf16RowStride];
+  bf16 v[2][kStageKeys * kBf16RowStride];
 };
 
-// One work item, decoded.
-struct Item {
+// One work item: a query tile and a head.
+struct Item : AttnTile {
   int head;
-  int q0;        // first joint query row
-  int tok_off;   // the sample's first token row
-  int seq_len;   // L
-  int num_keys;  // L + C
-  int mask_off;
 };
 
 // Item `index` is head index % H of query tile index / H; H (a power of two) = 1 << log2_heads.
 // (A division by the number of tiles here was ~30 emulation instructions per item.)
 __device__ __forceinline__ Item DecodeItem(const AttentionParams& p, int index, int log2_heads) {
-  const int4* tile = reinterpret_cast<const int4*>(p.tiles + (index >> log2_heads));
-  const int4 a = __ldg(tile), b = __ldg(tile + 1);
-  return Item{index & ((1 << log2_heads) - 1), a.y, a.x, a.z, a.w, b.x};
+  Item it;
+  static_cast<AttnTile&>(it) = p.tiles[index >> log2_heads];
+  it.head = index & ((1 << log2_heads) - 1);
+  return it;
 }
 
 __device__ __forceinline__ void CpAsyncWaitPrior() {
@@ -68,8 +62,8 @@ __device__ __forceinline__ void StageKeys(const AttentionParams& p, const Item& 
     const int j = i >> 1, h = (i & 1) * 8;
     const bool valid = key0 + j < it.num_keys;
     const int src = base + (valid ? key0 + j : 0) * p.dim + h;
-    CpAsync16OrZero(ks + j * kRowStride + h, k + src, valid);
-    CpAsync16OrZero(vs + j * kRowStride + h, v + src, valid);
+    CpAsync16OrZero(ks + j * kBf16RowStride + h, k + src, valid);
+    CpAsync16OrZero(vs + j * kBf16RowStride + h, v + src, valid);
   }
 }
 
@@ -142,7 +136,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     // keys past the sample's last hidden (its last block), 2: the mask's visibility bits.
     auto block = [&](int kb, auto mode) {
       constexpr int kMode = decltype(mode)::value;
-      const uint32_t kl_bytes = (kb - kstage) * kRowStride * 2;
+      const uint32_t kl_bytes = (kb - kstage) * kBf16RowStride * 2;
       float s[8][4];
       ScoreBlockBf16(s, qa, k_base + kl_bytes);
       if constexpr (kMode == 2) {

@@ -12,6 +12,9 @@
 namespace mmdit {
 namespace cuda {
 
+// Keys per score block in registers (s[8][4]: a warp's 16 queries x 64 keys).
+constexpr int kKeyBlock = 64;
+
 // exp2 on the MUFU alone: exp2f() adds denormal handling on the ALU pipe, the busiest pipe of
 // this kernel in the first profile (45 %). Inputs are <= 0; flushing results below 2^-126 to 0
 // changes nothing that a softmax keeps.

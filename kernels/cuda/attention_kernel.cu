@@ -15,7 +15,6 @@ namespace mmdit {
 namespace cuda {
 namespace {
 
-constexpr int kKeyBlock = 64;    // keys per score block in registers
 // Keys per trip through shared memory: 4 blocks per barrier pair in bf16; 2 in fp32, whose K
 // and V are stored split (tf32 hi and lo planes, split once by the loading thread instead of by
 // each of the 8 warps that read them).

@@ -22,12 +22,10 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 constexpr int kWarps = 4;
-constexpr int kKeyBlock = 64;
-constexpr int kRowStride = kBf16RowStride;
 
 struct WarpBuffers {
-  bf16 k[2][kKeyBlock * kRowStride];
-  bf16 v[2][kKeyBlock * kRowStride];
+  bf16 k[2][kKeyBlock * kBf16RowStride];
+  bf16 v[2][kKeyBlock * kBf16RowStride];
 };
 
 // A warp's result for the two rows of one lane: unnormalised output, offset and row sum.
@@ -64,8 +62,8 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionSplitKeysKernel(const At
       const int j = i >> 1, h = (i & 1) * 8;
       const bool valid = kb + j < T;
       const int src = (valid ? kb + j : 0) * p.dim + h;
-      CpAsync16OrZero(wb.k[buf] + j * kRowStride + h, k + src, valid);
-      CpAsync16OrZero(wb.v[buf] + j * kRowStride + h, v + src, valid);
+      CpAsync16OrZero(wb.k[buf] + j * kBf16RowStride + h, k + src, valid);
+      CpAsync16OrZero(wb.v[buf] + j * kBf16RowStride + h, v + src, valid);
     }
     CpAsyncCommit();
   };

@@ -70,7 +70,7 @@ struct RowTile {
 // kernel (one tile per warpgroup, up to three). Each tile is given as the kernel uses it, so
 // that a round of the kernel starts with one load instead of a chain of three (group, tile,
 // sample).
-struct GroupTile {
+struct alignas(16) GroupTile {  // one 16-byte load
   int tok0;    // first token row
   int rows;
   int sample;
@@ -85,7 +85,7 @@ struct RowGroup {
 
 // A tile of queries of one sample, with what the attention kernels need of the sample (one load
 // per item instead of the tile's and then its sample's).
-struct AttnTile {
+struct alignas(16) AttnTile {  // two 16-byte loads
   int tok_off;   // the sample's first token row
   int q0;        // first joint query row
   int seq_len;   // L

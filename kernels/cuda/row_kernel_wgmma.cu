@@ -13,6 +13,7 @@
 // - after the start there is no CTA-wide barrier: each warp counts itself out of a ring slot
 //   once its wgmma reads are done, and the last warp out refills the slot.
 #include <atomic>
+#include <cstddef>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
@@ -278,6 +279,10 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
   float4* resid = reinterpret_cast<float4*>(smem + kResidOffset + wg * kResidBytes) + tid;
   // A round's group and this warpgroup's tile; the first before the wait (the list is written
   // before the forward starts).
+  // As 16-byte loads: header (count, stream, ...) and this warpgroup's GroupTile.
+  static_assert(offsetof(RowGroup, count) == 0 && offsetof(RowGroup, stream) == 4 &&
+                    offsetof(RowGroup, tiles) == 16 && sizeof(GroupTile) == 16,
+                "RowGroup's layout, as loaded here");
   int4 header, mine;
   auto load_group = [&](int round) {
     const RowGroup& gr = p.groups[blockIdx.x + round * gridDim.x];
