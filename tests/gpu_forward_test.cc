@@ -166,7 +166,7 @@ struct RowTiling {
   const char* name;
 };
 const RowTiling kRows16{16, 1, 64, "rows16"}, kRows16Split2{16, 2, 64, "rows16x2"},
-    kRows16Split{16, 4, 16, "rows16x4_q16"}, kRows64{64, 1, 128, "rows64"};
+    kRows16Split4{16, 4, 16, "rows16x4_q16"}, kRows64{64, 1, 128, "rows64"};
 
 // The last parameter selects the kernels kept for comparison (the mma.sync row kernel and the
 // one-CTA-per-item attention) instead of the bf16 defaults on Hopper.
@@ -231,7 +231,7 @@ INSTANTIATE_TEST_SUITE_P(
     Random, GpuRandomTest,
     ::testing::Combine(::testing::ValuesIn(kCases),
                        ::testing::Values(CudaPrecision::kBf16, CudaPrecision::kFp32Accurate),
-                       ::testing::Values(kRows16, kRows16Split2, kRows16Split, kRows64),
+                       ::testing::Values(kRows16, kRows16Split2, kRows16Split4, kRows64),
                        ::testing::Values(false)),
     RandomName);
 
