@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <cuda_runtime.h>
+
 #include "gtest/gtest.h"
 #include "kernels/cpu/reference_forward.h"
 #include "kernels/cuda/cuda_forward.h"
@@ -156,17 +158,38 @@ double CompareWithReference(const ModelWeights& w, const RandomBatch& b,
   return testing::RelativeError(got, want);
 }
 
+// The one-launch forward needs compute capability 9.0; 16 clusters of four CTAs fit on any such
+// GPU (an H100 PCIe has 114 SMs).
+bool HopperOrLater() {
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+             cudaSuccess &&
+         major >= 9;
+}
+constexpr int kFusedFitsEverywhere = 16;
+int RowTiles16(const RandomBatch& b) {
+  int tiles = 0;
+  for (const ForwardSample& s : b.samples) {
+    tiles += (s.seq_len + 15) / 16 + (s.context_len + 15) / 16;
+  }
+  return tiles;
+}
+
 // Row tiles: 16 tokens on one CTA or on a cluster (CudaForwardOptions::row_cluster_split), or 64;
 // attention tiles of 64 or 128 queries, or 16 with the keys split over warps (bf16; fp32 takes
-// 64 there).
+// 64 there). `fused`: the one-launch forward where the batch fits it (bf16), the kernels of
+// rows16x4_q16 otherwise.
 struct RowTiling {
   int rows;
   int cluster_split;
   int attn_queries;
   const char* name;
+  bool fused = false;
 };
 const RowTiling kRows16{16, 1, 64, "rows16"}, kRows16Split2{16, 2, 64, "rows16x2"},
-    kRows16Split4{16, 4, 16, "rows16x4_q16"}, kRows64{64, 1, 128, "rows64"};
+    kRows16Split4{16, 4, 16, "rows16x4_q16"}, kRows64{64, 1, 128, "rows64"},
+    kFused{16, 4, 16, "fused", true};
 
 // The last parameter selects the kernels kept for comparison (the mma.sync row kernel and the
 // one-CTA-per-item attention) instead of the bf16 defaults on Hopper.
@@ -192,15 +215,21 @@ TEST_P(GpuRandomTest, MatchesReference) {
       tiling.attn_queries == 16 && precision != CudaPrecision::kBf16 ? 64 : tiling.attn_queries;
   options.use_wgmma = !comparison_kernels;
   options.persistent_attention = !comparison_kernels;
+  options.fused_forward = tiling.fused;
   absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, options);
   ASSERT_TRUE(fwd.ok()) << fwd.status();
   RandomBatch b = MakeCase(config, c, 99 + c.batch);
   ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+  if (!tiling.fused || precision != CudaPrecision::kBf16) {
+    EXPECT_FALSE((*fwd)->fused());
+  } else if (RowTiles16(b) <= kFusedFitsEverywhere && HopperOrLater()) {
+    EXPECT_TRUE((*fwd)->fused());
+  }
   const std::vector<int> idx = CheckedSamples(c.batch, c.checked);
   const double err = CompareWithReference(weights, b, idx);
-  std::printf("%s %s %s%s: rel err %.3g over %zu of %d samples\n", c.name.c_str(),
-              Name(precision), tiling.name, comparison_kernels ? " (comparison kernels)" : "", err,
-              idx.size(), c.batch);
+  std::printf("%s %s %s%s%s: rel err %.3g over %zu of %d samples\n", c.name.c_str(),
+              Name(precision), tiling.name, comparison_kernels ? " (comparison kernels)" : "",
+              (*fwd)->fused() ? " (one launch)" : "", err, idx.size(), c.batch);
   EXPECT_LE(err, Tolerance(precision));
 
   // Deterministic: a second run on poisoned outputs gives the same bits.
@@ -220,6 +249,8 @@ const RandomCase kCases[] = {
     {"target_b256_masked", 256, 1, 200, 1, 64, MaskKind::kMixed, 1, 6},
     {"target_b512", 512, 186, 186, 64, 64, MaskKind::kNone, 1, 4},
     {"twelve_layers", 2, 186, 186, 64, 64, MaskKind::kNone, 12, 2},
+    {"two_small_sparse", 2, 20, 45, 3, 17, MaskKind::kSparse, 3, 2},
+    {"one_target_causal", 1, 186, 186, 64, 64, MaskKind::kCausal, 12, 1},
 };
 
 std::string RandomName(const ::testing::TestParamInfo<GpuRandomTest::ParamType>& info) {
@@ -231,7 +262,8 @@ INSTANTIATE_TEST_SUITE_P(
     Random, GpuRandomTest,
     ::testing::Combine(::testing::ValuesIn(kCases),
                        ::testing::Values(CudaPrecision::kBf16, CudaPrecision::kFp32Accurate),
-                       ::testing::Values(kRows16, kRows16Split2, kRows16Split4, kRows64),
+                       ::testing::Values(kRows16, kRows16Split2, kRows16Split4, kRows64,
+                                         kFused),
                        ::testing::Values(false)),
     RandomName);
 
@@ -402,6 +434,37 @@ TEST(GpuForwardTest, UnsupportedShapeIsUnimplemented) {
             absl::StatusCode::kUnimplemented);
 }
 
+// With the one-launch forward allowed, a batch of one at the target shape runs as one launch
+// (bf16, Hopper) and matches the reference and the launch-per-kernel forward.
+TEST(GpuForwardTest, OneSampleRunsAsOneLaunch) {
+  SKIP_WITHOUT_GPU();
+  if (!HopperOrLater()) GTEST_SKIP() << "the one-launch forward needs compute capability 9.0";
+  MmditConfig config = TargetConfig();
+  config.num_layers = 4;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 21);
+  std::vector<std::vector<float>> outputs;
+  for (bool fused : {true, false}) {
+    CudaForwardOptions options;
+    options.max_seq_len = 186;
+    options.max_context_len = 64;
+    options.fused_forward = fused;
+    auto fwd = CudaForward::Create(weights, options);
+    ASSERT_TRUE(fwd.ok()) << fwd.status();
+    RandomBatch b = testing::MakeRandomBatch(config, {{186, 64}}, true, 5);
+    ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+    EXPECT_EQ((*fwd)->fused(), fused);
+    EXPECT_LE(CompareWithReference(weights, b, {0}), kBf16Tolerance);
+    // Twice in a row: the grid barrier's counters are back at zero after each launch.
+    std::vector<float> first = b.x_out[0];
+    Poison(b.samples[0], config.dim);
+    ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+    EXPECT_EQ(first, b.x_out[0]);
+    outputs.push_back(first);
+  }
+  // The same kernels' arithmetic in both: only the order of a few sums differs.
+  EXPECT_LE(testing::RelativeError(outputs[0], outputs[1]), 5e-3);
+}
+
 // A small case for compute-sanitizer (memcheck, racecheck): ragged, masked, both precisions,
 // every kernel.
 TEST(GpuForwardTest, SanitizerCase) {
@@ -411,10 +474,14 @@ TEST(GpuForwardTest, SanitizerCase) {
   const ModelWeights weights = ModelWeights::Deterministic(config, 3);
   for (CudaPrecision p : {CudaPrecision::kBf16, CudaPrecision::kFp32Accurate}) {
     // 2, 4: 16-token tiles split over clusters of that size, with 4 (bf16) attention split over
-    // keys; 0: 64-token tiles on the comparison kernels.
-    for (int variant : {16, 2, 4, 64, 0}) {
+    // keys; 1: the same tiling as 4 as one launch (bf16); 0: 64-token tiles on the comparison
+    // kernels.
+    for (int variant : {16, 2, 4, 1, 64, 0}) {
+      const bool fused = variant == 1;
+      if (fused) variant = 4;
       const int rows = variant == 0 || variant == 64 ? 64 : 16;
       CudaForwardOptions options;
+      options.fused_forward = fused;
       options.use_wgmma = variant != 0;
       options.persistent_attention = variant != 0;
       options.row_cluster_split = variant == 2 || variant == 4 ? variant : 1;
@@ -428,6 +495,7 @@ TEST(GpuForwardTest, SanitizerCase) {
       ASSERT_TRUE(fwd.ok()) << fwd.status();
       RandomBatch b = testing::MakeRandomBatch(config, {{70, 9}, {1, 1}, {17, 3}}, true, 11);
       ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+      EXPECT_EQ((*fwd)->fused(), fused && p == CudaPrecision::kBf16 && HopperOrLater());
       EXPECT_LE(CompareWithReference(weights, b, {0, 1, 2}), Tolerance(p));
     }
   }

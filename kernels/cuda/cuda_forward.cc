@@ -233,7 +233,12 @@ class CudaForwardImpl {
   int batch = 0, num_tokens = 0, num_row_tiles = 0, num_x_row_tiles = 0, num_row_groups = 0,
       num_attn_tiles = 0;
   int tile_rows = 64, tile_queries = 128, cluster_split = 1;
+  bool fused = false;  // the staged batch runs as one launch (fused_forward.cu)
   bool clusters_supported = false;
+  // The fused forward: its clusters that fit on the device at once (0: not available), and its
+  // grid barrier's counters.
+  int fused_capacity = 0;
+  unsigned* d_sync = nullptr;
 };
 
 absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
@@ -399,6 +404,15 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   for (void** buf : {&d_q, &d_k, &d_v, &d_attn}) {
     if (absl::Status s = Alloc(buf, t_bytes); !s.ok()) return s;
   }
+  if (options.fused_forward && precision == Precision::kBf16 && d == 128 &&
+      clusters_supported && f <= cuda::kFusedMaxDimFF) {
+    absl::StatusOr<int> capacity = cuda::FusedForwardCapacity();
+    if (!capacity.ok()) return capacity.status();
+    fused_capacity = *capacity;
+    if (absl::Status s = Alloc(&p, 2 * sizeof(unsigned)); !s.ok()) return s;
+    d_sync = static_cast<unsigned*>(p);
+    CUDA_RETURN_IF_ERROR(cudaMemset(d_sync, 0, 2 * sizeof(unsigned)));
+  }
   return absl::OkStatus();
 }
 
@@ -533,6 +547,10 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   num_tokens = tok;
   num_row_tiles = nrt;
   num_attn_tiles = nat;
+  // One launch for the whole forward where the tiling is the one it fuses (16-token tiles on
+  // clusters of four, 16-query attention) and every cluster fits on the device at once.
+  fused = fused_capacity > 0 && tile_rows == 16 && cluster_split == cuda::kClusterSplit &&
+          tile_queries == 16 && num_row_tiles <= fused_capacity;
   auto copy = [&](size_t off, size_t bytes) {
     return cudaMemcpyAsync(dev_io + off, host_io + off, bytes, cudaMemcpyHostToDevice, stream);
   };
@@ -602,6 +620,19 @@ absl::Status CudaForwardImpl::RunStaged() {
   tp.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(cuda::kHeadDim)));
   tp.num_sms = num_sms;
   const bool persistent = precision == Precision::kBf16 && options.persistent_attention;
+
+  if (fused) {
+    cuda::FusedForwardParams fp{};
+    fp.row = rp;
+    fp.row.x_src = x_in;
+    fp.row.x_dst = d_act;
+    fp.mask_bits = tp.mask_bits;
+    fp.scale_log2 = tp.scale_log2;
+    fp.sync = d_sync;
+    if (absl::Status s = cuda::LaunchFusedForward(fp, stream); !s.ok()) return s;
+    Launched("fused");
+    return absl::OkStatus();
+  }
 
   // Layer 0's q/k/v from the input, then per layer: attention, and one row kernel that finishes
   // the layer and starts the next. The input block stays untouched, so a staged batch can run
@@ -786,5 +817,6 @@ const CudaForwardOptions& CudaForward::options() const { return impl_->options; 
 int CudaForward::tile_rows() const { return impl_->tile_rows; }
 int CudaForward::row_cluster_split() const { return impl_->cluster_split; }
 int CudaForward::tile_queries() const { return impl_->tile_queries; }
+bool CudaForward::fused() const { return impl_->fused; }
 
 }  // namespace mmdit

@@ -41,6 +41,12 @@ struct CudaForwardOptions {
   // CTA, 2 or 4 a cluster of that many that splits the tile's MLP and q/k/v passes (for
   // measurements).
   int row_cluster_split = 0;
+  // bf16, D = 128, compute capability 9.0 and up: a batch whose tiling is 16-token row tiles on
+  // clusters of four and 16-query attention (picked for a sample or two, or forced by the options
+  // above) runs as one launch for the whole forward when its clusters fit on the GPU at once
+  // (fused_forward.cu). Off by default: on an H100 it is not yet faster than one launch per
+  // kernel (docs/BENCHMARKS.md).
+  bool fused_forward = false;
 };
 
 class CudaForwardImpl;
@@ -76,6 +82,8 @@ class CudaForward {
   int tile_rows() const;
   int tile_queries() const;
   int row_cluster_split() const;
+  // Whether the staged batch runs as the one-launch forward (CudaForwardOptions::fused_forward).
+  bool fused() const;
 
   ~CudaForward();
 

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace mmdit {
 namespace cuda {
@@ -169,6 +170,17 @@ struct AttentionParams {
   int num_sms;    // the persistent kernel's grid is what fits on them at once
 };
 
+// The whole forward of a small bf16 batch (D = 128) in one launch (fused_forward.cu): the row
+// tiles of `row` (16 tokens, clusters of kClusterSplit CTAs) from row.x_src to row.x_dst, with
+// row.q, k and v as the attention's exchange; row.num_tiles clusters resident at once.
+constexpr int kFusedMaxDimFF = 2048;  // its shared memory holds the vectors of up to this F
+struct FusedForwardParams {
+  RowParams row;
+  const uint32_t* mask_bits;
+  float scale_log2;  // Dh^-0.5 * log2(e)
+  unsigned* sync;    // [2] the grid barrier's counters, zero between launches
+};
+
 // Launches `kernel` with programmatic stream serialization (see LaunchDependents in mma.cuh):
 // at small batches a forward is 26 short kernels, and this hides each one's launch and prologue
 // behind its predecessor.
@@ -204,6 +216,10 @@ absl::Status LaunchAttentionBf16Persistent(const AttentionParams& params, int ti
                                            cudaStream_t stream);
 // bf16 only: tiles of 16 queries, the keys split over a CTA's warps (attention_split_keys.cu).
 absl::Status LaunchAttentionSplitKeys(const AttentionParams& params, cudaStream_t stream);
+// The fused forward: how many of its clusters fit on the current device at once, and its launch
+// (cooperative: every cluster resident at once, or the launch fails).
+absl::StatusOr<int> FusedForwardCapacity();
+absl::Status LaunchFusedForward(const FusedForwardParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mmdit

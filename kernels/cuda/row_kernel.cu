@@ -1,331 +1,34 @@
-// The row-local part of the layers, fused: one CTA owns a tile of 16 or 64 tokens of one stream
-// of one sample and keeps the tile on chip from the attention output to the next layer's q/k/v:
-// output projection + RMSNorm + gated residual, modulated LayerNorm + MLP (the F-wide hidden in
-// D-wide chunks in shared memory) + gated residual, modulated LayerNorm + q/k/v projection +
-// q/k RMSNorm + RoPE. Unfused, these GEMMs are bound by activation traffic at K = 128 (PERF.md:
-// 240 us per layer at B = 256 through cuBLAS); fused, a layer reads the attention output and the
-// residual once and writes the residual and q/k/v once.
-//
-// Eight warps; for each D-wide output pass every warp owns D/8 columns of all tile rows, so each
-// weight fragment is loaded once per CTA (from L2: the 14 MB of bf16 weights stay resident).
-//
-// Small batches (16-token tiles, few CTAs on a large GPU) split each tile over a cluster of
-// kSplit = 2 or 4 CTAs: every CTA of the cluster computes the output projection and the norms of
-// the whole tile (one pass), takes 1/kSplit of the MLP's hidden chunks and its share of the q, k
-// and v passes; the MLP's partial down products are summed through distributed shared memory.
-// A CTA's serial chain drops from 12 GEMM passes to 4 (kSplit 4) or 7 (kSplit 2).
+// The row kernel: one launch per layer (see row_common.cuh for the passes), one CTA, or a
+// cluster of kSplit CTAs, per tile of 16 or 64 tokens of one stream of one sample. The tile's
+// start (residual and attention rows from global memory) is here; the passes are shared with the
+// fused small-batch forward.
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/forward_kernels.h"
 #include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/row_common.cuh"
 
 namespace mmdit {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr float kLayerNormEps = 1e-6f;
-constexpr float kRmsNormEps = 1.1920929e-07f;
+using namespace row;  // NOLINT: the row kernel's own building blocks
 
-template <Precision P, int kD, int kMT>
-struct RowShape {
-  using T = typename Prec<P>::T;
-  static constexpr int kM = 16 * kMT;     // tile rows
-  static constexpr int kNT = kD / 64;     // n8 tiles per warp in one D-wide pass
-  static constexpr int kXs = kD + 4;      // float32 row stride
-  // Operand row stride, 4 words past a multiple of 32: conflict-free ldmatrix rows.
-  static constexpr int kAs = P == Precision::kBf16 ? kD + 8 : kD + 4;
-  static constexpr int kCols = kD / 32;   // columns per lane in the row passes
-  static constexpr int kRowsPerWarp = kM / 8;
-  // The residual tile, the GEMM output (whose space the MLP's hidden chunk reuses: it is dead
-  // from the end of the projection's epilogue to the q/k/v GEMMs) and the GEMM operand; with a
-  // cluster split, one slot per CTA of the cluster for its partial down product.
-  static constexpr size_t kOutBytes = sizeof(float) * kM * kXs > sizeof(T) * kM * kAs
-                                         ? sizeof(float) * kM * kXs
-                                         : sizeof(T) * kM * kAs;
-  static constexpr size_t kSmemBytes =
-      sizeof(float) * kM * kXs + kOutBytes + sizeof(T) * kM * kAs;
-  static constexpr size_t kPartialBytes = sizeof(float) * kM * kXs;  // one slot
-};
-
-// The per-column vectors of a launch, staged in shared memory after the tiles (each pass read
-// them from global memory after its barrier: an L2 round trip on the critical path of every
-// pass, twelve per launch). Offsets in units of D: the weights' vectors of the tile's stream,
-// then the modulation of its sample (scales as 1 + scale), then up_b when F <= kMaxStagedFF.
-enum VectorOffset {
-  kVOutB = 0, kVOutRms = 1, kVDownB = 2, kVQkvB = 3, kVRmsQ = 6, kVRmsK = 7, kVGateAttn = 8,
-  kVScaleMlp = 9, kVShiftMlp = 10, kVGateMlp = 11, kVScaleAttn = 12, kVShiftAttn = 13, kVUpB = 14
-};
-constexpr int kMaxStagedFF = 2048;
-__host__ __device__ constexpr size_t VectorBytes(int dim, int dim_ff) {
-  return sizeof(float) * (kVUpB * dim + (dim_ff <= kMaxStagedFF ? dim_ff : 0));
-}
-
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <Precision P>
-__device__ __forceinline__ float Silu(float v) {
-  if constexpr (P == Precision::kBf16) {
-    return __fdividef(v, 1.0f + __expf(-v));
-  } else {
-    return v / (1.0f + expf(-v));
-  }
-}
-
-// Where one D-wide GEMM pass of a warp reads its weights: fragments of rows nt0*8.. and
-// k-steps ks0.. of a matrix with ks_total k16 steps per row.
-template <Precision P>
-struct WDesc {
-  const typename Prec<P>::W* wf;
-  int ks_total;
-  int nt0;
-  int ks0;
-};
-
-// The bf16 weight fragments of one pass, in registers (32 for D = 128).
-template <int kD>
-struct WFrags {
-  uint2 b[kD / 16][kD / 64];
-};
-
-template <int kD>
-__device__ __forceinline__ void LoadFrags(WFrags<kD>& f, const WDesc<Precision::kBf16>& d) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int i = 0; i < kD / 16; ++i)
-#pragma unroll
-    for (int n = 0; n < kD / 64; ++n) {
-      f.b[i][n] = __ldg(d.wf + ((size_t)(d.nt0 + n) * d.ks_total + d.ks0 + i) * 32 + lane);
-    }
-}
-
-// acc[kMT][kNT] += A[tile rows][kD] (shared, stride kAs) x W(cur)^T.
-// bf16: the fragments of `cur` are already in `f`; as each k-step consumes its fragments, the
-// same registers are refilled with the next pass's (`next`), so a pass's weight loads overlap
-// the previous pass's MMAs instead of stalling on L2 after each barrier (19 us per row launch at
-// B = 1, 12 such passes per launch, before this).
-// fp32 (3xTF32): loads from `cur` a few k-steps ahead; `f` and `next` are unused.
-template <Precision P, int kD, int kMT>
-__device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
-                                         const typename Prec<P>::T* as, WFrags<kD>& f,
-                                         const WDesc<P>& cur, const WDesc<P>& next) {
-  using S = RowShape<P, kD, kMT>;
-  constexpr int kNT = S::kNT;
-  const int lane = threadIdx.x & 31;
-  if constexpr (P == Precision::kBf16) {
-    // With one m-tile a warp has only kNT accumulators, so consecutive k-steps would form one
-    // dependent MMA chain per accumulator; odd k-steps go to a second set (added at the end).
-    float odd[kMT == 1 ? kNT : 1][4] = {};
-#pragma unroll
-    for (int i = 0; i < kD / 16; ++i) {
-#pragma unroll
-      for (int m = 0; m < kMT; ++m) {
-        uint32_t a[4];
-        LdMatrixX4(a, as + (16 * m + (lane & 15)) * S::kAs + 16 * i + (lane >> 4) * 8);
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          if (kMT == 1 && (i & 1)) {
-            MmaBf16(odd[kMT == 1 ? n : 0], a, f.b[i][n].x, f.b[i][n].y);
-          } else {
-            MmaBf16(acc[m][n], a, f.b[i][n].x, f.b[i][n].y);
-          }
-        }
-      }
-      if (next.wf != nullptr) {
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          f.b[i][n] = __ldg(next.wf + ((size_t)(next.nt0 + n) * next.ks_total + next.ks0 + i) * 32 +
-                            lane);
-        }
-      }
-    }
-    if constexpr (kMT == 1) {
-#pragma unroll
-      for (int n = 0; n < kNT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[0][n][e] += odd[n][e];
-    }
-  } else {
-    // The k8 steps fully unrolled, each step's weight fragments loaded kAhead steps before use
-    // (loaded in the step itself, the MMAs waited on L2: a fifth of the stall samples).
-    constexpr int kSteps = kD / 8, kAhead = 2;
-    const float4* wb[kNT];
-#pragma unroll
-    for (int n = 0; n < kNT; ++n) {
-      wb[n] = cur.wf + ((size_t)(cur.nt0 + n) * cur.ks_total + cur.ks0) * 2 * 32 + lane;
-    }
-    float4 b[kAhead + 1][kNT];
-#pragma unroll
-    for (int s = 0; s < kAhead; ++s)
-#pragma unroll
-      for (int n = 0; n < kNT; ++n) b[s][n] = __ldg(wb[n] + s * 32);
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      if (s + kAhead < kSteps) {
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          b[(s + kAhead) % (kAhead + 1)][n] = __ldg(wb[n] + (s + kAhead) * 32);
-        }
-      }
-      const float4(&bs)[kNT] = b[s % (kAhead + 1)];
-#pragma unroll
-      for (int m = 0; m < kMT; ++m) {
-        // ldmatrix on 32-bit elements: four 8 x 4 matrices (rows 0-7 / 8-15, k 0-3 / 4-7) are
-        // exactly the tf32 A fragment, in one register quad.
-        uint32_t ahi[4], alo[4];
-        LdMatrixX4(ahi, as + (16 * m + (lane & 7) + 8 * ((lane >> 3) & 1)) * S::kAs + 8 * s +
-                            4 * (lane >> 4));
-#pragma unroll
-        for (int e = 0; e < 4; ++e) alo[e] = Tf32Low(ahi[e]);
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          Mma3xTf32(acc[m][n], ahi, alo, __float_as_uint(bs[n].x), __float_as_uint(bs[n].y),
-                    __float_as_uint(bs[n].z), __float_as_uint(bs[n].w));
-        }
-      }
-    }
-  }
-}
-
-template <int kMT, int kNT>
-__device__ __forceinline__ void ZeroAcc(float (&acc)[kMT][kNT][4]) {
-#pragma unroll
-  for (int m = 0; m < kMT; ++m)
-#pragma unroll
-    for (int n = 0; n < kNT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
-}
-
-// ss[row][col] = acc + bias[col] for this warp's columns.
-template <int kMT, int kNT, int kXs>
-__device__ __forceinline__ void StoreAcc(float* ss, const float (&acc)[kMT][kNT][4],
-                                         const float* bias, int warp) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int n = 0; n < kNT; ++n) {
-    const int col = (warp * kNT + n) * 8 + 2 * t;
-    const float b0 = bias[col], b1 = bias[col + 1];
-#pragma unroll
-    for (int m = 0; m < kMT; ++m) {
-      Store2(ss + (16 * m + g) * kXs + col, acc[m][n][0] + b0, acc[m][n][1] + b1);
-      Store2(ss + (16 * m + g + 8) * kXs + col, acc[m][n][2] + b0, acc[m][n][3] + b1);
-    }
-  }
-}
-
-// kCols consecutive floats from src into registers (one 16- or 8-byte load). The row passes
-// load their per-column vectors once per pass, not once per row: re-read for every row, they
-// made the row passes, not the GEMMs, most of the instructions (about 50 k of 60 k per CTA).
-template <int kCols>
-__device__ __forceinline__ void LoadCols(float (&dst)[kCols], const float* src) {
-  if constexpr (kCols == 4) {
-    const float4 v = *reinterpret_cast<const float4*>(src);
-    dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
-  } else {
-    static_assert(kCols == 2, "kCols is 2 or 4");
-    const float2 v = *reinterpret_cast<const float2*>(src);
-    dst[0] = v.x, dst[1] = v.y;
-  }
-}
-
-// One row, kCols columns per lane from col0: out = LN(x) * scale1 + shift (scale1 = 1 + scale).
-template <int kCols, typename T>
-__device__ __forceinline__ void LayerNormModulateRow(const float (&x)[kCols],
-                                                     const float (&scale1)[kCols],
-                                                     const float (&shift)[kCols], int col0,
-                                                     T* out) {
-  constexpr float kInvD = 1.0f / (kCols * 32);
-  float s = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kCols; ++j) s += x[j];
-  const float mean = WarpSum(s) * kInvD;
-  float s2 = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kCols; ++j) s2 += (x[j] - mean) * (x[j] - mean);
-  const float rstd = rsqrtf(WarpSum(s2) * kInvD + kLayerNormEps);
-#pragma unroll
-  for (int j = 0; j < kCols; j += 2) {
-    Store2(out + col0 + j, (x[j] - mean) * rstd * scale1[j] + shift[j],
-           (x[j + 1] - mean) * rstd * scale1[j + 1] + shift[j + 1]);
-  }
-}
-
-template <int kCols>
-__device__ __forceinline__ void RmsNormRow(float (&v)[kCols], const float (&w)[kCols]) {
-  constexpr float kInvD = 1.0f / (kCols * 32);
-  float s = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kCols; ++j) s += v[j] * v[j];
-  const float r = rsqrtf(WarpSum(s) * kInvD + kRmsNormEps);
-#pragma unroll
-  for (int j = 0; j < kCols; ++j) v[j] = v[j] * r * w[j];
-}
-
-// RoPE from the host-made table of (cos, sin) per position and pair; pairs (2i, 2i + 1).
-template <int kCols>
-__device__ __forceinline__ void RopeRow(float (&v)[kCols], const float2* rope, int pos,
-                                        int col0) {
-#pragma unroll
-  for (int j = 0; j < kCols; j += 2) {
-    const int pair = ((col0 + j) % kHeadDim) / 2;
-    const float2 cs = __ldg(rope + pos * (kHeadDim / 2) + pair);
-    const float a = v[j], b = v[j + 1];
-    v[j] = a * cs.x - b * cs.y;
-    v[j + 1] = a * cs.y + b * cs.x;
-  }
-}
-
-template <typename T, int kCols>
-__device__ __forceinline__ void StoreRow(T* out, const float (&v)[kCols]) {
-#pragma unroll
-  for (int j = 0; j < kCols; j += 2) Store2(out + j, v[j], v[j + 1]);
-}
-
-// Distributed shared memory by address in the shared::cluster window, and cluster barrier halves
-// with release/acquire at cluster scope. Stores through generic pointers and cooperative groups'
-// cluster sync had put a GPU-wide fence before the barrier (a tenth of the kernel at B = 1);
-// st.async with an mbarrier counting the bytes measured the same as these stores.
-__device__ __forceinline__ uint32_t MapShared(const void* p, int rank) {
-  uint32_t r;
-  asm("mapa.shared::cluster.u32 %0, %1, %2;\n"
-      : "=r"(r)
-      : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ void StoreCluster2(uint32_t addr, float a, float b) {
-  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b)
-               : "memory");
-}
-__device__ __forceinline__ void ClusterArrive() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void ClusterWait() {
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
-// kSplit CTAs (a cluster) per tile; see the top of the file.
 template <Precision P, int kD, int kMT, int kSplit>
 __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
   using S = RowShape<P, kD, kMT>;
   using T = typename Prec<P>::T;
-  using W = typename Prec<P>::W;
-  constexpr int kM = S::kM, kNT = S::kNT, kXs = S::kXs, kAs = S::kAs, kCols = S::kCols;
+  constexpr int kM = S::kM, kXs = S::kXs, kAs = S::kAs;
   extern __shared__ __align__(16) unsigned char smem[];
-  float* xs = reinterpret_cast<float*>(smem);  // residual tile
-  float* ss = xs + kM * kXs;                   // GEMM output before its row-wise epilogue
-  T* as = reinterpret_cast<T*>(smem + sizeof(float) * kM * kXs + S::kOutBytes);  // GEMM operand
-  T* hs = reinterpret_cast<T*>(ss);            // MLP hidden chunk
-  float* vs = reinterpret_cast<float*>(as + kM * kAs);  // vectors (VectorOffset)
-  // Split: the cluster's partial down products, one slot per CTA, after the vectors
-  // (VectorBytes at kMaxStagedFF).
-  float* ps = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(vs) +
-                                       VectorBytes(kD, kMaxStagedFF));
-  const int rank = blockIdx.x % kSplit;  // in the cluster: its CTAs are consecutive in x
-  // A CTA's first remote store waits until every CTA of the cluster runs; this arrival is early.
+  RowWork<P> w;
+  w.xs = reinterpret_cast<float*>(smem);
+  w.ss = w.xs + kM * kXs;
+  w.as = reinterpret_cast<T*>(smem + sizeof(float) * kM * kXs + S::kOutBytes);
+  w.vs = reinterpret_cast<float*>(w.as + kM * kAs);
+  // Split: the partial product after the vectors (VectorBytes at kMaxStagedFF).
+  w.ps = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(w.vs) +
+                                  VectorBytes(kD, kMaxStagedFF));
+  w.rank = blockIdx.x % kSplit;  // in the cluster: its CTAs are consecutive in x
+  // The arrival before the passes' exchange of partial products (RowTilePasses).
   if constexpr (kSplit > 1) {
     if (p.post_layer >= 0) ClusterArrive();
   }
@@ -333,63 +36,26 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
   LaunchDependents();
   const RowTile tile = p.tiles[blockIdx.x / kSplit];
   const SampleInfo si = p.samples[tile.sample];
-  const int tok0 = si.tok_off + (tile.stream ? si.seq_len : 0) + tile.row0;
-  const int rows = tile.rows;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int col0 = lane * kCols;
-
-  // The passes of this launch, in order: [out, (up, down) x F/D] for post_layer, then
-  // [q, k, v] for qkv_layer. A split CTA takes hidden chunks rank, rank + kSplit, ... and the
-  // q/k/v passes [qkv_begin, qkv_end).
-  const StreamWeightsDev* wp =
-      p.post_layer >= 0 ? &p.weights[p.post_layer * 2 + tile.stream] : nullptr;
-  const StreamWeightsDev* wq =
-      p.qkv_layer >= 0 ? &p.weights[p.qkv_layer * 2 + tile.stream] : nullptr;
-  const int num_fc = p.dim_ff / kD;
-  const int qkv_begin = (3 * rank + kSplit - 1) / kSplit;
-  const int qkv_end = (3 * (rank + 1) + kSplit - 1) / kSplit;
-  const bool has_qkv = wq != nullptr && qkv_begin < qkv_end;
-  const WDesc<P> none{nullptr, 0, 0, 0};
-  auto out_d = [&] { return WDesc<P>{static_cast<const W*>(wp->out_w), kD / 16, warp * kNT, 0}; };
-  auto up_d = [&](int fc) {
-    return WDesc<P>{static_cast<const W*>(wp->up_w), kD / 16, fc * (kD / 8) + warp * kNT, 0};
-  };
-  auto down_d = [&](int fc) {
-    return WDesc<P>{static_cast<const W*>(wp->down_w), p.dim_ff / 16, warp * kNT,
-                    fc * (kD / 16)};
-  };
-  auto qkv_d = [&](int c) {
-    return WDesc<P>{static_cast<const W*>(wq->qkv_w), kD / 16, c * (kD / 8) + warp * kNT, 0};
-  };
+  w.tok0 = si.tok_off + (tile.stream ? si.seq_len : 0) + tile.row0;
+  w.rows = tile.rows;
+  w.wp = p.post_layer >= 0 ? &p.weights[p.post_layer * 2 + tile.stream] : nullptr;
+  w.wq = p.qkv_layer >= 0 ? &p.weights[p.qkv_layer * 2 + tile.stream] : nullptr;
+  w.dim_ff = p.dim_ff;
+  w.rope = tile.stream == 0;
+  w.rope_table = p.rope;
+  w.rope_row0 = si.start_pos + tile.row0;
+  w.x_dst = p.x_dst;
+  w.q = p.q;
+  w.k = p.k;
+  w.v = p.v;
   WFrags<kD> frags;
   if constexpr (P == Precision::kBf16) {
-    if (wp != nullptr) {
-      LoadFrags(frags, out_d());
-    } else if (has_qkv) {
-      LoadFrags(frags, qkv_d(qkv_begin));
-    }
+    const WDesc<P> first = FirstPass<P, kD, kSplit>(w);
+    if (first.wf != nullptr) LoadFrags(frags, first);
   }
   // The weights' vectors (read-only: before the wait), then the modulation.
-  const bool stage_up_b = p.dim_ff <= kMaxStagedFF;
-  for (int i = threadIdx.x; i < kVGateAttn * kD + (stage_up_b ? p.dim_ff : 0); i += kThreads) {
-    float v = 0.0f;
-    if (i >= kVGateAttn * kD) {
-      if (wp) v = wp->up_b[i - kVGateAttn * kD];
-      vs[kVUpB * kD + i - kVGateAttn * kD] = v;
-      continue;
-    }
-    const int k = i % kD;
-    switch (i / kD) {
-      case kVOutB: if (wp) v = wp->out_b[k]; break;
-      case kVOutRms: if (wp) v = wp->out_rms[k]; break;
-      case kVDownB: if (wp) v = wp->down_b[k]; break;
-      case kVRmsQ: if (wq) v = wq->rms_q[k]; break;
-      case kVRmsK: if (wq) v = wq->rms_k[k]; break;
-      default: if (wq) v = wq->qkv_b[i - kVQkvB * kD]; break;  // q, k, v biases
-    }
-    vs[i] = v;
-  }
-  const float* up_b_base = stage_up_b ? vs + kVUpB * kD : (wp ? wp->up_b : nullptr);
+  StageWeightVectors<kD>(w.vs, w.wp, w.wq, p.dim_ff);
+  w.up_b = p.dim_ff <= kMaxStagedFF ? w.vs + kVUpB * kD : (w.wp ? w.wp->up_b : nullptr);
   WaitForPredecessor();
   // Every load of the tile's start is issued before the first store into shared memory: with
   // in-order issue, each store held the loads after it behind its own L2 trip (three trips, the
@@ -399,27 +65,16 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
   constexpr int kALoads = kM * kD / kVec / kThreads;  // 16 bytes of attention output per thread
   static_assert(kXLoads * 4 * kThreads == kM * kD && kALoads * kVec * kThreads == kM * kD,
                 "tile loads divide evenly over the threads");
-  float mv[6] = {};  // gate, scale, shift (attention), gate (MLP); scale, shift (q/k/v) of column
-  if (threadIdx.x < kD) {
-    const int i = threadIdx.x;
-    const size_t per_sample = (size_t)p.num_layers * 2 * 6 * kD;
-    const float* ms = p.mod + tile.sample * per_sample;
-    if (wp) {
-      const float* mp = ms + ((size_t)p.post_layer * 2 + tile.stream) * 6 * kD;
-      for (int k = 0; k < 4; ++k) mv[k] = mp[(2 + k) * kD + i];
-    }
-    if (wq) {
-      const float* mq = ms + ((size_t)p.qkv_layer * 2 + tile.stream) * 6 * kD;
-      mv[4] = mq[i];
-      mv[5] = mq[kD + i];
-    }
-  }
+  const TileModulation mv =
+      LoadModulation<kD>(p.mod + tile.sample * (size_t)p.num_layers * 2 * 6 * kD, tile.stream,
+                         p.post_layer, p.qkv_layer);
   float4 xv[kXLoads];
 #pragma unroll
   for (int k = 0; k < kXLoads; ++k) {
     const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
-    xv[k] = r < rows ? *reinterpret_cast<const float4*>(p.x_src + (size_t)(tok0 + r) * kD + c)
-                     : make_float4(0.f, 0.f, 0.f, 0.f);
+    xv[k] = r < w.rows
+                ? *reinterpret_cast<const float4*>(p.x_src + (size_t)(w.tok0 + r) * kD + c)
+                : make_float4(0.f, 0.f, 0.f, 0.f);
   }
   uint4 av[kALoads];
   if (p.post_layer >= 0) {  // the attention output, the projection's operand
@@ -427,181 +82,29 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
 #pragma unroll
     for (int k = 0; k < kALoads; ++k) {
       const int e = threadIdx.x + k * kThreads, r = e / (kD / kVec), c = (e % (kD / kVec)) * kVec;
-      av[k] = r < rows ? *reinterpret_cast<const uint4*>(attn + (size_t)(tok0 + r) * kD + c)
-                       : make_uint4(0u, 0u, 0u, 0u);
+      av[k] = r < w.rows
+                  ? *reinterpret_cast<const uint4*>(attn + (size_t)(w.tok0 + r) * kD + c)
+                  : make_uint4(0u, 0u, 0u, 0u);
     }
   }
-  if (threadIdx.x < kD) {
-    const int i = threadIdx.x;
-    vs[kVGateAttn * kD + i] = mv[0];
-    vs[kVScaleMlp * kD + i] = 1.0f + mv[1];
-    vs[kVShiftMlp * kD + i] = mv[2];
-    vs[kVGateMlp * kD + i] = mv[3];
-    vs[kVScaleAttn * kD + i] = 1.0f + mv[4];
-    vs[kVShiftAttn * kD + i] = mv[5];
-  }
+  StoreModulation<kD>(w.vs, mv);
 #pragma unroll
   for (int k = 0; k < kXLoads; ++k) {
     const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
-    *reinterpret_cast<float4*>(xs + r * kXs + c) = xv[k];
+    *reinterpret_cast<float4*>(w.xs + r * kXs + c) = xv[k];
   }
   if (p.post_layer >= 0) {
 #pragma unroll
     for (int k = 0; k < kALoads; ++k) {
       const int e = threadIdx.x + k * kThreads, r = e / (kD / kVec), c = (e % (kD / kVec)) * kVec;
-      *reinterpret_cast<uint4*>(as + r * kAs + c) = av[k];
+      *reinterpret_cast<uint4*>(w.as + r * kAs + c) = av[k];
     }
   }
   __syncthreads();  // the row passes read rows that other warps loaded
-
-  float acc[kMT][kNT][4];
-  if (p.post_layer >= 0) {
-    ZeroAcc(acc);
-    WarpGemm<P, kD, kMT>(acc, as, frags, out_d(),
-                         rank < num_fc ? up_d(rank) : (has_qkv ? qkv_d(qkv_begin) : none));
-    StoreAcc<kMT, kNT, kXs>(ss, acc, vs + kVOutB * kD, warp);
-    __syncthreads();
-    // RMSNorm of the projection, gated residual, modulated LayerNorm for the MLP.
-    float rms_w[kCols], gate[kCols], scale1[kCols], shift[kCols];
-    LoadCols<kCols>(rms_w, vs + kVOutRms * kD + col0);
-    LoadCols<kCols>(gate, vs + kVGateAttn * kD + col0);
-    LoadCols<kCols>(scale1, vs + kVScaleMlp * kD + col0);
-    LoadCols<kCols>(shift, vs + kVShiftMlp * kD + col0);
-    for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-      const int r = warp * S::kRowsPerWarp + rr;
-      float v[kCols], x[kCols];
-      LoadCols<kCols>(v, ss + r * kXs + col0);
-      RmsNormRow<kCols>(v, rms_w);
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) {
-        x[j] = xs[r * kXs + col0 + j] + v[j] * gate[j];
-        xs[r * kXs + col0 + j] = x[j];
-      }
-      LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
-    }
-    __syncthreads();
-    float acc2[kMT][kNT][4];
-    ZeroAcc(acc2);
-    for (int fc = rank; fc < num_fc; fc += kSplit) {
-      ZeroAcc(acc);
-      WarpGemm<P, kD, kMT>(acc, as, frags, up_d(fc), down_d(fc));
-#pragma unroll
-      for (int n = 0; n < kNT; ++n) {
-        const int col = (warp * kNT + n) * 8 + 2 * t;
-        const float b0 = up_b_base[fc * kD + col], b1 = up_b_base[fc * kD + col + 1];
-#pragma unroll
-        for (int m = 0; m < kMT; ++m) {
-          Store2(hs + (16 * m + g) * kAs + col, Silu<P>(acc[m][n][0] + b0),
-                 Silu<P>(acc[m][n][1] + b1));
-          Store2(hs + (16 * m + g + 8) * kAs + col, Silu<P>(acc[m][n][2] + b0),
-                 Silu<P>(acc[m][n][3] + b1));
-        }
-      }
-      __syncthreads();
-      WarpGemm<P, kD, kMT>(
-          acc2, hs, frags, down_d(fc),
-          fc + kSplit < num_fc ? up_d(fc + kSplit) : (has_qkv ? qkv_d(qkv_begin) : none));
-      __syncthreads();
-    }
-    if constexpr (kSplit > 1) {
-      // Each CTA stores its partial down product into its slot of every cluster CTA's ps and,
-      // after the cluster barrier, sums the slots of its own (reading the others' slots
-      // remotely stalled on distributed shared memory latency: a sixth of the kernel at B = 1),
-      // in the same order as the others, so that the residual stays identical across the cluster.
-      constexpr int kSlot = kM * kXs;
-      // f(row, column, element pair) for each of this thread's pairs of acc2.
-      auto each_pair = [&](auto f) {
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          const int col = (warp * kNT + n) * 8 + 2 * t;
-#pragma unroll
-          for (int m = 0; m < kMT; ++m) {
-            f(16 * m + g, col, acc2[m][n][0], acc2[m][n][1]);
-            f(16 * m + g + 8, col, acc2[m][n][2], acc2[m][n][3]);
-          }
-        }
-      };
-      ClusterWait();
-#pragma unroll
-      for (int q = 0; q < kSplit; ++q) {
-        each_pair([&](int row, int col, float& a, float& b) {
-          StoreCluster2(MapShared(ps + rank * kSlot + row * kXs + col, q), a, b);
-        });
-      }
-      ClusterArrive();
-      ClusterWait();
-      ZeroAcc(acc2);
-#pragma unroll
-      for (int q = 0; q < kSplit; ++q) {
-        each_pair([&](int row, int col, float& a, float& b) {
-          const float2 v = *reinterpret_cast<const float2*>(ps + q * kSlot + row * kXs + col);
-          a += v.x;
-          b += v.y;
-        });
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < kNT; ++n) {
-      const int col = (warp * kNT + n) * 8 + 2 * t;
-      const float b0 = vs[kVDownB * kD + col], b1 = vs[kVDownB * kD + col + 1];
-      const float g0 = vs[kVGateMlp * kD + col], g1 = vs[kVGateMlp * kD + col + 1];
-#pragma unroll
-      for (int m = 0; m < kMT; ++m) {
-        float* x0 = xs + (16 * m + g) * kXs + col;
-        float* x1 = x0 + 8 * kXs;
-        x0[0] += (acc2[m][n][0] + b0) * g0;
-        x0[1] += (acc2[m][n][1] + b1) * g1;
-        x1[0] += (acc2[m][n][2] + b0) * g0;
-        x1[1] += (acc2[m][n][3] + b1) * g1;
-      }
-    }
-    __syncthreads();
-    if (p.x_dst != nullptr) {
-      // A split tile's CTAs hold the same residual: each writes its share.
-      for (int i = threadIdx.x + rank * kThreads; i < kM * kD / 4; i += kThreads * kSplit) {
-        const int r = i / (kD / 4), c = (i % (kD / 4)) * 4;
-        if (r < rows) {
-          *reinterpret_cast<float4*>(p.x_dst + (size_t)(tok0 + r) * kD + c) =
-              *reinterpret_cast<const float4*>(xs + r * kXs + c);
-        }
-      }
-    }
-  }
-
-  if (has_qkv) {
-    {
-      float scale1[kCols], shift[kCols];
-      LoadCols<kCols>(scale1, vs + kVScaleAttn * kD + col0);
-      LoadCols<kCols>(shift, vs + kVShiftAttn * kD + col0);
-      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-        const int r = warp * S::kRowsPerWarp + rr;
-        float x[kCols];
-        LoadCols<kCols>(x, xs + r * kXs + col0);
-        LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
-      }
-    }
-    __syncthreads();
-    T* const dst[3] = {static_cast<T*>(p.q), static_cast<T*>(p.k), static_cast<T*>(p.v)};
-    for (int c = qkv_begin; c < qkv_end; ++c) {
-      ZeroAcc(acc);
-      WarpGemm<P, kD, kMT>(acc, as, frags, qkv_d(c), c + 1 < qkv_end ? qkv_d(c + 1) : none);
-      StoreAcc<kMT, kNT, kXs>(ss, acc, vs + (kVQkvB + c) * kD, warp);
-      __syncthreads();
-      float qk_w[kCols];
-      if (c < 2) LoadCols<kCols>(qk_w, vs + (c == 0 ? kVRmsQ : kVRmsK) * kD + col0);
-      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-        const int r = warp * S::kRowsPerWarp + rr;
-        if (r >= rows) break;  // warp-uniform
-        float v[kCols];
-        LoadCols<kCols>(v, ss + r * kXs + col0);
-        if (c < 2) {
-          RmsNormRow<kCols>(v, qk_w);
-          if (tile.stream == 0) RopeRow<kCols>(v, p.rope, si.start_pos + tile.row0 + r, col0);
-        }
-        StoreRow<T, kCols>(dst[c] + (size_t)(tok0 + r) * kD + col0, v);
-      }
-      __syncthreads();
-    }
+  RowTilePasses<P, kD, kMT, kSplit>(w, frags);
+  // No CTA leaves while a peer may still read its partial product.
+  if constexpr (kSplit > 1) {
+    if (p.post_layer >= 0) ClusterWait();
   }
 }
 
@@ -609,7 +112,7 @@ template <Precision P, int kD, int kMT, int kSplit>
 absl::Status LaunchRowT(const RowParams& params, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   using S = RowShape<P, kD, kMT>;
-  constexpr size_t kPartial = kSplit > 1 ? kSplit * S::kPartialBytes : 0;
+  constexpr size_t kPartial = kSplit > 1 ? S::kPartialBytes : 0;
   const void* func = reinterpret_cast<const void*>(&RowKernel<P, kD, kMT, kSplit>);
   // The limit is raised once, to what the largest staged F needs; a launch asks for its own
   // (with a split, the partial product sits after the largest vectors).

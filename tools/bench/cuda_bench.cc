@@ -173,6 +173,8 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (const char* v = std::getenv("MMDIT_BENCH_PERSISTENT_ATTENTION")) {
         fo.persistent_attention = std::atoi(v) != 0;
       }
+      // 1: the one-launch forward for the batches it takes (CudaForwardOptions::fused_forward).
+      if (const char* v = std::getenv("MMDIT_BENCH_FUSED")) fo.fused_forward = std::atoi(v) != 0;
       absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, fo);
       if (!fwd.ok()) return fwd.status();
       CudaForward& f = **fwd;
@@ -194,13 +196,13 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
         const double best = std::min(*stream_ms, *graph_ms);
         const double tflops = flops * b / (best * 1e-3) * 1e-12;
         const double anchor = AnchorMs(bf16, b);
-        // Row tile rows (x CTAs per tile when split over a cluster) / attention tile queries.
+        // Row tile rows (x CTAs per tile when split over a cluster) / attention tile queries, F
+        // when the forward is one launch.
         const std::string tiles =
             absl::StrCat(f.tile_rows(),
                          f.row_cluster_split() > 1 ? absl::StrCat("x", f.row_cluster_split())
                                                    : std::string(),
-                         "/",
-                         f.tile_queries());
+                         "/", f.tile_queries(), f.fused() ? "F" : "");
         table += absl::StrFormat(
             "%-5s %5d %8s %10.4f %10.4f %12.0f %8.1f %6.1f%% %10s %s\n", bf16 ? "bf16" : "fp32",
             b, tiles, *stream_ms, *graph_ms, b / (best * 1e-3), tflops,
@@ -212,7 +214,7 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
         if (!parts.ok()) return parts.status();
         breakdown += absl::StrFormat("%-5s B=%-4d", bf16 ? "bf16" : "fp32", b);
         for (const auto& [name, ms] : *parts) {
-          const int launches = name == "adaln" ? 1
+          const int launches = name == "adaln" || name == "fused" ? 1
                                : name == "row"  ? config.num_layers + 1
                                                 : config.num_layers;
           breakdown += absl::StrFormat("  %s %.4f ms (%.1f us/launch)", name, ms,

@@ -1,0 +1,275 @@
+// The whole forward of a small bf16 batch in one launch: every 16-token row tile on a cluster of
+// kClusterSplit CTAs that stays resident for all layers. Per layer:
+//   row phase   the tile's passes (row_common.cuh): the end of the previous layer and the q/k/v of
+//               this one, the residual kept in shared memory across layers;
+//   grid barrier  every tile's q, k and v are written;
+//   attention   the tile's 16 queries (joint rows of its sample), two heads per CTA, the keys
+//               split over four warps per head (attention_split_keys.cuh);
+//   cluster barrier  each CTA copies the tile's attention rows of all heads from its peers'
+//               shared memory into its operand buffer.
+// At B = 1 the launch-per-kernel forward is 25 dependent launches whose starts (vectors,
+// modulation, residual and attention rows through L2) are each on the critical path; here a
+// layer's only global round trips are the q/k/v exchange and the barrier, and the next layer's
+// vectors, modulation and first weight fragments load while the barrier waits.
+//
+// The grid barrier needs every CTA resident at once: the launch is cooperative (the driver
+// refuses a grid that cannot be), and the host takes this path only for grids that fit.
+#include <cuda_bf16.h>
+
+#include <atomic>
+#include <cstdlib>
+
+#include "kernels/cuda/attention_split_keys.cuh"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/forward_kernels.h"
+#include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/row_common.cuh"
+
+namespace mmdit {
+namespace cuda {
+namespace {
+
+using namespace row;  // NOLINT: the row passes' building blocks
+using bf16 = __nv_bfloat16;
+
+constexpr Precision kP = Precision::kBf16;
+constexpr int kD = 128;
+constexpr int kSplit = kClusterSplit;
+using Shape = RowShape<kP, kD, 1>;
+constexpr int kHeadsPerCta = kD / kHeadDim / kSplit;
+constexpr int kKeyWarps = kThreads / 32 / kHeadsPerCta;  // warps splitting one head's keys
+static_assert(kHeadsPerCta * kKeyWarps * 32 == kThreads, "the CTA's warps cover its heads");
+static_assert(kFusedMaxDimFF <= kMaxStagedFF, "the MLP's up bias is staged");
+
+struct AttentionSmem {
+  SplitKeysBuffers warp[kThreads / 32];
+  SplitKeysPartial part[kThreads / 32][32];
+};
+
+// Shared memory: the row passes' regions (as the row kernel lays them out), then the CTA's partial
+// down product, whose space the attention phase's buffers reuse, then the RoPE rows of the tile
+// and the attention output rows of the CTA's heads (read by its peers).
+constexpr size_t kXsBytes = sizeof(float) * Shape::kM * Shape::kXs;
+constexpr size_t kAsOffset = kXsBytes + Shape::kOutBytes;
+constexpr size_t kVsOffset = kAsOffset + sizeof(bf16) * Shape::kM * Shape::kAs;
+constexpr size_t kPsOffset = kVsOffset + VectorBytes(kD, kMaxStagedFF);
+constexpr size_t kRopeOffset =
+    kPsOffset + (Shape::kPartialBytes > sizeof(AttentionSmem) ? Shape::kPartialBytes
+                                                              : sizeof(AttentionSmem));
+constexpr size_t kStageOffset = kRopeOffset + sizeof(float2) * Shape::kM * (kHeadDim / 2);
+constexpr size_t kSmemBytes = kStageOffset + sizeof(bf16) * Shape::kM * Shape::kAs;
+static_assert(kPsOffset % 16 == 0 && kRopeOffset % 16 == 0 && kStageOffset % 16 == 0 &&
+                  Shape::kAs * sizeof(bf16) % 16 == 0,
+              "16-byte aligned regions and rows");
+
+// The grid barrier: arrivals count up through the launch (the target of layer l's barrier is
+// (l + 1) x grid); each CTA then counts its departure after its last barrier, and the last one
+// zeroes both, so the next launch starts from zero.
+__device__ __forceinline__ void GridArrive(unsigned* arrivals) {
+  __syncthreads();  // the CTA's stores are ordered before thread 0's release
+  if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(arrivals) : "memory");
+  }
+}
+__device__ __forceinline__ void GridWait(const unsigned* arrivals, unsigned target) {
+  if (threadIdx.x == 0) {
+    unsigned seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(arrivals) : "memory");
+    } while (seen < target);
+  }
+  __syncthreads();
+}
+__device__ __forceinline__ void GridDepart(unsigned* sync) {
+  if (threadIdx.x == 0) {
+    unsigned prev;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
+                 : "=r"(prev)
+                 : "l"(sync + 1)
+                 : "memory");
+    if (prev == gridDim.x - 1) {
+      sync[0] = 0;
+      sync[1] = 0;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedForwardParams fp) {
+  const RowParams& p = fp.row;
+  extern __shared__ __align__(128) unsigned char smem[];
+  RowWork<kP> w;
+  w.xs = reinterpret_cast<float*>(smem);
+  w.ss = w.xs + Shape::kM * Shape::kXs;
+  w.as = reinterpret_cast<bf16*>(smem + kAsOffset);
+  w.vs = reinterpret_cast<float*>(smem + kVsOffset);
+  w.ps = reinterpret_cast<float*>(smem + kPsOffset);
+  AttentionSmem& attn = *reinterpret_cast<AttentionSmem*>(smem + kPsOffset);
+  float2* rope = reinterpret_cast<float2*>(smem + kRopeOffset);
+  bf16* stage = reinterpret_cast<bf16*>(smem + kStageOffset);  // this CTA's heads' output rows
+  w.rank = blockIdx.x % kSplit;
+
+  const RowTile tile = p.tiles[blockIdx.x / kSplit];
+  const SampleInfo si = p.samples[tile.sample];
+  const int num_keys = si.seq_len + si.ctx_len;
+  const int q0 = (tile.stream ? si.seq_len : 0) + tile.row0;  // the tile's first joint row
+  w.tok0 = si.tok_off + q0;
+  w.rows = tile.rows;
+  w.dim_ff = p.dim_ff;
+  w.up_b = w.vs + kVUpB * kD;  // the host takes this path for F <= kMaxStagedFF only
+  w.rope = tile.stream == 0;
+  w.rope_table = rope;
+  w.rope_row0 = 0;
+  w.x_dst = nullptr;
+  w.q = p.q;
+  w.k = p.k;
+  w.v = p.v;
+  const StreamWeightsDev* weights = p.weights + tile.stream;  // layer l's: weights[2 * l]
+  const float* mod = p.mod + tile.sample * (size_t)p.num_layers * 2 * 6 * kD;
+
+  // Before the wait on adaLN: the tile's RoPE rows, layer 0's vectors and first fragments.
+  for (int i = threadIdx.x; i < Shape::kM * (kHeadDim / 2); i += kThreads) {
+    const int r = i / (kHeadDim / 2);
+    rope[i] = w.rope && r < w.rows
+                  ? p.rope[(si.start_pos + tile.row0 + r) * (kHeadDim / 2) + i % (kHeadDim / 2)]
+                  : make_float2(1.0f, 0.0f);
+  }
+  w.wp = nullptr;
+  w.wq = weights;
+  WFrags<kD> frags;
+  {
+    const WDesc<kP> first = FirstPass<kP, kD, kSplit>(w);
+    if (first.wf != nullptr) LoadFrags(frags, first);
+  }
+  StageWeightVectors<kD>(w.vs, w.wp, w.wq, p.dim_ff);
+  WaitForPredecessor();
+  {
+    const TileModulation mv = LoadModulation<kD>(mod, tile.stream, -1, 0);
+    constexpr int kXLoads = Shape::kM * kD / 4 / kThreads;
+    float4 xv[kXLoads];
+#pragma unroll
+    for (int k = 0; k < kXLoads; ++k) {
+      const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
+      xv[k] = r < w.rows
+                  ? *reinterpret_cast<const float4*>(p.x_src + (size_t)(w.tok0 + r) * kD + c)
+                  : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    StoreModulation<kD>(w.vs, mv);
+#pragma unroll
+    for (int k = 0; k < kXLoads; ++k) {
+      const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
+      *reinterpret_cast<float4*>(w.xs + r * Shape::kXs + c) = xv[k];
+    }
+  }
+  __syncthreads();
+  ClusterArrive();  // the first exchange (after layer 0's attention) starts with a wait
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int head = w.rank * kHeadsPerCta + warp / kKeyWarps;
+  const int head_base = si.tok_off * kD + head * kHeadDim;
+  const uint32_t* mask = si.mask_off >= 0 ? fp.mask_bits + si.mask_off : nullptr;
+  const AttnTile at{si.tok_off, q0, si.seq_len, num_keys, si.mask_off, {}};
+  for (int l = 0;; ++l) {
+    RowTilePasses<kP, kD, 1, kSplit>(w, frags);
+    if (l == p.num_layers) break;
+
+    // Layer l's q, k and v are out: arrive, set up the next row phase while the others finish,
+    // then wait for all of them.
+    GridArrive(fp.sync);
+    w.wp = weights + 2 * l;
+    w.wq = l + 1 < p.num_layers ? weights + 2 * (l + 1) : nullptr;
+    w.x_dst = l + 1 < p.num_layers ? nullptr : p.x_dst;
+    StageWeightVectors<kD>(w.vs, w.wp, w.wq, p.dim_ff);
+    const TileModulation mv =
+        LoadModulation<kD>(mod, tile.stream, l, l + 1 < p.num_layers ? l + 1 : -1);
+    {
+      const WDesc<kP> first = FirstPass<kP, kD, kSplit>(w);
+      LoadFrags(frags, first);
+    }
+    GridWait(fp.sync, (l + 1) * gridDim.x);
+    if (l + 1 == p.num_layers) GridDepart(fp.sync);
+
+    // Attention of the tile's rows for this CTA's heads.
+    attn.part[warp][lane] = SplitKeysWarp(
+        at, q0, static_cast<const bf16*>(p.q) + head_base,
+        static_cast<const bf16*>(p.k) + head_base, static_cast<const bf16*>(p.v) + head_base, kD,
+        mask, fp.scale_log2, warp % kKeyWarps, kKeyWarps, attn.warp[warp]);
+    __syncthreads();
+    if (warp % kKeyWarps == 0) {
+      float out[2][4];
+      CombineSplitKeys(attn.part + warp, kKeyWarps, fp.scale_log2, out);
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        bf16* dst = stage + g * Shape::kAs + head * kHeadDim + 8 * n + 2 * t;
+        Store2(dst, out[n][0], out[n][1]);
+        Store2(dst + 8 * Shape::kAs, out[n][2], out[n][3]);
+      }
+    }
+    // Publish this CTA's heads, then gather every head's rows into the operand buffer: 16 bytes
+    // per thread, from the CTA that owns the head.
+    ClusterWait();
+    ClusterArrivePublish();
+    ClusterWait();
+    {
+      static_assert(Shape::kM * kD * sizeof(bf16) == 16 * kThreads, "one 16-byte load per thread");
+      const int r = threadIdx.x / (kD / 8), c = (threadIdx.x % (kD / 8)) * 8;
+      const int owner = c / kHeadDim / kHeadsPerCta;
+      *reinterpret_cast<uint4*>(w.as + r * Shape::kAs + c) =
+          LoadCluster16(MapShared(stage + r * Shape::kAs + c, owner));
+    }
+    StoreModulation<kD>(w.vs, mv);
+    __syncthreads();
+    ClusterArrive();  // done reading the peers' rows; the row phase's exchange starts with a wait
+  }
+  ClusterWait();  // no CTA leaves while a peer may still read its shared memory
+}
+
+}  // namespace
+
+absl::StatusOr<int> FusedForwardCapacity() {
+  static std::atomic<uint64_t> smem_set{0};
+  const void* func = reinterpret_cast<const void*>(&FusedForwardKernel);
+  if (absl::Status s = AllowDynamicSmem(func, kSmemBytes, smem_set); !s.ok()) return s;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(kSplit);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = kSplit;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  int clusters = 0;
+  CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveClusters(&clusters, FusedForwardKernel, &config));
+  return clusters;
+}
+
+absl::Status LaunchFusedForward(const FusedForwardParams& params, cudaStream_t stream) {
+  if (params.row.num_tiles == 0) return absl::OkStatus();
+  static std::atomic<uint64_t> smem_set{0};
+  const void* func = reinterpret_cast<const void*>(&FusedForwardKernel);
+  if (absl::Status s = AllowDynamicSmem(func, kSmemBytes, smem_set); !s.ok()) return s;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(params.row.num_tiles * kSplit);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute attr[3];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = kSplit;
+  attr[1].val.clusterDim.y = 1;
+  attr[1].val.clusterDim.z = 1;
+  attr[2].id = cudaLaunchAttributeCooperative;
+  attr[2].val.cooperative = 1;
+  config.attrs = attr;
+  config.numAttrs = getenv("MMDIT_TMP_COOP") && atoi(getenv("MMDIT_TMP_COOP")) == 0 ? 2 : 3;
+  CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, FusedForwardKernel, params));
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace cuda
+}  // namespace mmdit

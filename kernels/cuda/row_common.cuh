@@ -1,0 +1,647 @@
+// The row-local part of a layer on one tile of 16 or 64 tokens (mma.sync, eight warps), shared by
+// the row kernel (row_kernel.cu, one launch per layer) and the fused small-batch forward
+// (fused_forward.cu, all layers in one launch): output projection + RMSNorm + gated residual,
+// modulated LayerNorm + MLP (the F-wide hidden in D-wide chunks in shared memory) + gated
+// residual, modulated LayerNorm + q/k/v projection + q/k RMSNorm + RoPE. Unfused, these GEMMs are
+// bound by activation traffic at K = 128 (PERF.md: 240 us per layer at B = 256 through cuBLAS);
+// fused, a layer reads the attention output and the residual once and writes the residual and
+// q/k/v once.
+//
+// For each D-wide output pass every warp owns D/8 columns of all tile rows, so each weight
+// fragment is loaded once per CTA (from L2: the 14 MB of bf16 weights stay resident).
+//
+// Small batches split each 16-token tile over a cluster of kSplit = 2 or 4 CTAs: every CTA of the
+// cluster computes the output projection and the norms of the whole tile (one pass), takes
+// 1/kSplit of the MLP's hidden chunks and its share of the q, k and v passes; the MLP's partial
+// down products are summed through distributed shared memory. A CTA's serial chain drops from 12
+// GEMM passes to 4 (kSplit 4) or 7 (kSplit 2).
+#pragma once
+
+#include "kernels/cuda/forward_kernels.h"
+#include "kernels/cuda/mma.cuh"
+
+namespace mmdit {
+namespace cuda {
+namespace row {
+
+constexpr int kThreads = 256;
+constexpr float kLayerNormEps = 1e-6f;
+constexpr float kRmsNormEps = 1.1920929e-07f;
+
+template <Precision P, int kD, int kMT>
+struct RowShape {
+  using T = typename Prec<P>::T;
+  static constexpr int kM = 16 * kMT;     // tile rows
+  static constexpr int kNT = kD / 64;     // n8 tiles per warp in one D-wide pass
+  static constexpr int kXs = kD + 4;      // float32 row stride
+  // Operand row stride, 4 words past a multiple of 32: conflict-free ldmatrix rows.
+  static constexpr int kAs = P == Precision::kBf16 ? kD + 8 : kD + 4;
+  static constexpr int kCols = kD / 32;   // columns per lane in the row passes
+  static constexpr int kRowsPerWarp = kM / 8;
+  // The residual tile, the GEMM output (whose space the MLP's hidden chunk reuses: it is dead
+  // from the end of the projection's epilogue to the q/k/v GEMMs) and the GEMM operand; with a
+  // cluster split, one slot per CTA of the cluster for its partial down product.
+  static constexpr size_t kOutBytes = sizeof(float) * kM * kXs > sizeof(T) * kM * kAs
+                                         ? sizeof(float) * kM * kXs
+                                         : sizeof(T) * kM * kAs;
+  static constexpr size_t kSmemBytes =
+      sizeof(float) * kM * kXs + kOutBytes + sizeof(T) * kM * kAs;
+  static constexpr size_t kPartialBytes = sizeof(float) * kM * kXs;  // one slot
+};
+
+// The per-column vectors of a launch, staged in shared memory after the tiles (each pass read
+// them from global memory after its barrier: an L2 round trip on the critical path of every
+// pass, twelve per launch). Offsets in units of D: the weights' vectors of the tile's stream,
+// then the modulation of its sample (scales as 1 + scale), then up_b when F <= kMaxStagedFF.
+enum VectorOffset {
+  kVOutB = 0, kVOutRms = 1, kVDownB = 2, kVQkvB = 3, kVRmsQ = 6, kVRmsK = 7, kVGateAttn = 8,
+  kVScaleMlp = 9, kVShiftMlp = 10, kVGateMlp = 11, kVScaleAttn = 12, kVShiftAttn = 13, kVUpB = 14
+};
+constexpr int kMaxStagedFF = 2048;
+__host__ __device__ constexpr size_t VectorBytes(int dim, int dim_ff) {
+  return sizeof(float) * (kVUpB * dim + (dim_ff <= kMaxStagedFF ? dim_ff : 0));
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <Precision P>
+__device__ __forceinline__ float Silu(float v) {
+  if constexpr (P == Precision::kBf16) {
+    return __fdividef(v, 1.0f + __expf(-v));
+  } else {
+    return v / (1.0f + expf(-v));
+  }
+}
+
+// Where one D-wide GEMM pass of a warp reads its weights: fragments of rows nt0*8.. and
+// k-steps ks0.. of a matrix with ks_total k16 steps per row.
+template <Precision P>
+struct WDesc {
+  const typename Prec<P>::W* wf;
+  int ks_total;
+  int nt0;
+  int ks0;
+};
+
+// The bf16 weight fragments of one pass, in registers (32 for D = 128).
+template <int kD>
+struct WFrags {
+  uint2 b[kD / 16][kD / 64];
+};
+
+template <int kD>
+__device__ __forceinline__ void LoadFrags(WFrags<kD>& f, const WDesc<Precision::kBf16>& d) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < kD / 16; ++i)
+#pragma unroll
+    for (int n = 0; n < kD / 64; ++n) {
+      f.b[i][n] = __ldg(d.wf + ((size_t)(d.nt0 + n) * d.ks_total + d.ks0 + i) * 32 + lane);
+    }
+}
+
+// acc[kMT][kNT] += A[tile rows][kD] (shared, stride kAs) x W(cur)^T.
+// bf16: the fragments of `cur` are already in `f`; as each k-step consumes its fragments, the
+// same registers are refilled with the next pass's (`next`), so a pass's weight loads overlap
+// the previous pass's MMAs instead of stalling on L2 after each barrier (19 us per row launch at
+// B = 1, 12 such passes per launch, before this).
+// fp32 (3xTF32): loads from `cur` a few k-steps ahead; `f` and `next` are unused.
+template <Precision P, int kD, int kMT>
+__device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
+                                         const typename Prec<P>::T* as, WFrags<kD>& f,
+                                         const WDesc<P>& cur, const WDesc<P>& next) {
+  using S = RowShape<P, kD, kMT>;
+  constexpr int kNT = S::kNT;
+  const int lane = threadIdx.x & 31;
+  if constexpr (P == Precision::kBf16) {
+    // With one m-tile a warp has only kNT accumulators, so consecutive k-steps would form one
+    // dependent MMA chain per accumulator; odd k-steps go to a second set (added at the end).
+    float odd[kMT == 1 ? kNT : 1][4] = {};
+#pragma unroll
+    for (int i = 0; i < kD / 16; ++i) {
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) {
+        uint32_t a[4];
+        LdMatrixX4(a, as + (16 * m + (lane & 15)) * S::kAs + 16 * i + (lane >> 4) * 8);
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          if (kMT == 1 && (i & 1)) {
+            MmaBf16(odd[kMT == 1 ? n : 0], a, f.b[i][n].x, f.b[i][n].y);
+          } else {
+            MmaBf16(acc[m][n], a, f.b[i][n].x, f.b[i][n].y);
+          }
+        }
+      }
+      if (next.wf != nullptr) {
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          f.b[i][n] = __ldg(next.wf + ((size_t)(next.nt0 + n) * next.ks_total + next.ks0 + i) * 32 +
+                            lane);
+        }
+      }
+    }
+    if constexpr (kMT == 1) {
+#pragma unroll
+      for (int n = 0; n < kNT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[0][n][e] += odd[n][e];
+    }
+  } else {
+    // The k8 steps fully unrolled, each step's weight fragments loaded kAhead steps before use
+    // (loaded in the step itself, the MMAs waited on L2: a fifth of the stall samples).
+    constexpr int kSteps = kD / 8, kAhead = 2;
+    const float4* wb[kNT];
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+      wb[n] = cur.wf + ((size_t)(cur.nt0 + n) * cur.ks_total + cur.ks0) * 2 * 32 + lane;
+    }
+    float4 b[kAhead + 1][kNT];
+#pragma unroll
+    for (int s = 0; s < kAhead; ++s)
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) b[s][n] = __ldg(wb[n] + s * 32);
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      if (s + kAhead < kSteps) {
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          b[(s + kAhead) % (kAhead + 1)][n] = __ldg(wb[n] + (s + kAhead) * 32);
+        }
+      }
+      const float4(&bs)[kNT] = b[s % (kAhead + 1)];
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) {
+        // ldmatrix on 32-bit elements: four 8 x 4 matrices (rows 0-7 / 8-15, k 0-3 / 4-7) are
+        // exactly the tf32 A fragment, in one register quad.
+        uint32_t ahi[4], alo[4];
+        LdMatrixX4(ahi, as + (16 * m + (lane & 7) + 8 * ((lane >> 3) & 1)) * S::kAs + 8 * s +
+                            4 * (lane >> 4));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) alo[e] = Tf32Low(ahi[e]);
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          Mma3xTf32(acc[m][n], ahi, alo, __float_as_uint(bs[n].x), __float_as_uint(bs[n].y),
+                    __float_as_uint(bs[n].z), __float_as_uint(bs[n].w));
+        }
+      }
+    }
+  }
+}
+
+template <int kMT, int kNT>
+__device__ __forceinline__ void ZeroAcc(float (&acc)[kMT][kNT][4]) {
+#pragma unroll
+  for (int m = 0; m < kMT; ++m)
+#pragma unroll
+    for (int n = 0; n < kNT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
+}
+
+// ss[row][col] = acc + bias[col] for this warp's columns.
+template <int kMT, int kNT, int kXs>
+__device__ __forceinline__ void StoreAcc(float* ss, const float (&acc)[kMT][kNT][4],
+                                         const float* bias, int warp) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int n = 0; n < kNT; ++n) {
+    const int col = (warp * kNT + n) * 8 + 2 * t;
+    const float b0 = bias[col], b1 = bias[col + 1];
+#pragma unroll
+    for (int m = 0; m < kMT; ++m) {
+      Store2(ss + (16 * m + g) * kXs + col, acc[m][n][0] + b0, acc[m][n][1] + b1);
+      Store2(ss + (16 * m + g + 8) * kXs + col, acc[m][n][2] + b0, acc[m][n][3] + b1);
+    }
+  }
+}
+
+// kCols consecutive floats from src into registers (one 16- or 8-byte load). The row passes
+// load their per-column vectors once per pass, not once per row: re-read for every row, they
+// made the row passes, not the GEMMs, most of the instructions (about 50 k of 60 k per CTA).
+template <int kCols>
+__device__ __forceinline__ void LoadCols(float (&dst)[kCols], const float* src) {
+  if constexpr (kCols == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(src);
+    dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+  } else {
+    static_assert(kCols == 2, "kCols is 2 or 4");
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    dst[0] = v.x, dst[1] = v.y;
+  }
+}
+
+// One row, kCols columns per lane from col0: out = LN(x) * scale1 + shift (scale1 = 1 + scale).
+template <int kCols, typename T>
+__device__ __forceinline__ void LayerNormModulateRow(const float (&x)[kCols],
+                                                     const float (&scale1)[kCols],
+                                                     const float (&shift)[kCols], int col0,
+                                                     T* out) {
+  constexpr float kInvD = 1.0f / (kCols * 32);
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) s += x[j];
+  const float mean = WarpSum(s) * kInvD;
+  float s2 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) s2 += (x[j] - mean) * (x[j] - mean);
+  const float rstd = rsqrtf(WarpSum(s2) * kInvD + kLayerNormEps);
+#pragma unroll
+  for (int j = 0; j < kCols; j += 2) {
+    Store2(out + col0 + j, (x[j] - mean) * rstd * scale1[j] + shift[j],
+           (x[j + 1] - mean) * rstd * scale1[j + 1] + shift[j + 1]);
+  }
+}
+
+template <int kCols>
+__device__ __forceinline__ void RmsNormRow(float (&v)[kCols], const float (&w)[kCols]) {
+  constexpr float kInvD = 1.0f / (kCols * 32);
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) s += v[j] * v[j];
+  const float r = rsqrtf(WarpSum(s) * kInvD + kRmsNormEps);
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) v[j] = v[j] * r * w[j];
+}
+
+// RoPE from the host-made table of (cos, sin) per position and pair; pairs (2i, 2i + 1).
+template <int kCols>
+__device__ __forceinline__ void RopeRow(float (&v)[kCols], const float2* rope, int pos,
+                                        int col0) {
+#pragma unroll
+  for (int j = 0; j < kCols; j += 2) {
+    const int pair = ((col0 + j) % kHeadDim) / 2;
+    const float2 cs = rope[pos * (kHeadDim / 2) + pair];  // global or shared (fused forward)
+    const float a = v[j], b = v[j + 1];
+    v[j] = a * cs.x - b * cs.y;
+    v[j + 1] = a * cs.y + b * cs.x;
+  }
+}
+
+template <typename T, int kCols>
+__device__ __forceinline__ void StoreRow(T* out, const float (&v)[kCols]) {
+#pragma unroll
+  for (int j = 0; j < kCols; j += 2) Store2(out + j, v[j], v[j + 1]);
+}
+
+// Distributed shared memory by address in the shared::cluster window, and the cluster barrier
+// halves for exchanges in which each CTA writes its own shared memory and its peers read it
+// (pull). A release arrive at cluster scope is a GPU-wide fence in SASS (MEMBAR.ALL.GPU and an
+// error barrier that waits for every outstanding access); the fences restricted to shared memory
+// are CTA-level fences, and the arrivals themselves relaxed.
+__device__ __forceinline__ uint32_t MapShared(const void* p, int rank) {
+  uint32_t r;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;\n"
+      : "=r"(r)
+      : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ float2 LoadCluster2(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n"
+               : "=f"(v.x), "=f"(v.y)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 LoadCluster16(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+// Arrival after this CTA's stores into its own shared memory, which the peers read after their
+// wait.
+__device__ __forceinline__ void ClusterArrivePublish() {
+  asm volatile(
+      "fence.release.sync_restrict::shared::cta.cluster;\n"
+      "barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
+// Arrival with no ordering: this CTA is done reading its peers' shared memory (the values read
+// are already consumed by later shared-memory stores, so the loads are complete).
+__device__ __forceinline__ void ClusterArrive() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
+// Wait for every CTA's arrival; the peers' published shared memory is visible afterwards.
+__device__ __forceinline__ void ClusterWait() {
+  asm volatile(
+      "barrier.cluster.wait.aligned;\n"
+      "fence.acquire.sync_restrict::shared::cluster.cluster;\n" ::: "memory");
+}
+
+// The weights' vectors of vs (VectorOffset, all but the modulation) for the finishing layer's
+// weights wp and the q/k/v layer's wq (null: zeros); up_b only when F <= kMaxStagedFF.
+template <int kD>
+__device__ __forceinline__ void StageWeightVectors(float* vs, const StreamWeightsDev* wp,
+                                                   const StreamWeightsDev* wq, int dim_ff) {
+  const bool stage_up_b = dim_ff <= kMaxStagedFF;
+  for (int i = threadIdx.x; i < kVGateAttn * kD + (stage_up_b ? dim_ff : 0); i += kThreads) {
+    float v = 0.0f;
+    if (i >= kVGateAttn * kD) {
+      if (wp) v = wp->up_b[i - kVGateAttn * kD];
+      vs[kVUpB * kD + i - kVGateAttn * kD] = v;
+      continue;
+    }
+    const int k = i % kD;
+    switch (i / kD) {
+      case kVOutB: if (wp) v = wp->out_b[k]; break;
+      case kVOutRms: if (wp) v = wp->out_rms[k]; break;
+      case kVDownB: if (wp) v = wp->down_b[k]; break;
+      case kVRmsQ: if (wq) v = wq->rms_q[k]; break;
+      case kVRmsK: if (wq) v = wq->rms_k[k]; break;
+      default: if (wq) v = wq->qkv_b[i - kVQkvB * kD]; break;  // q, k, v biases
+    }
+    vs[i] = v;
+  }
+}
+
+// The modulation of one column (thread < D) of a tile: gate, scale, shift (attention) and gate
+// (MLP) of the finishing layer, scale and shift (q/k/v) of the next; loaded into registers first
+// so that the caller can issue its other loads before the first store.
+struct TileModulation {
+  float v[6];
+};
+// mod: the tile's sample's [N][2][6][D] block; a layer < 0 is absent (zeros).
+template <int kD>
+__device__ __forceinline__ TileModulation LoadModulation(const float* mod, int stream,
+                                                         int post_layer, int qkv_layer) {
+  TileModulation m = {};
+  if (threadIdx.x < kD) {
+    const int i = threadIdx.x;
+    if (post_layer >= 0) {
+      const float* mp = mod + ((size_t)post_layer * 2 + stream) * 6 * kD;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) m.v[k] = mp[(2 + k) * kD + i];
+    }
+    if (qkv_layer >= 0) {
+      const float* mq = mod + ((size_t)qkv_layer * 2 + stream) * 6 * kD;
+      m.v[4] = mq[i];
+      m.v[5] = mq[kD + i];
+    }
+  }
+  return m;
+}
+template <int kD>
+__device__ __forceinline__ void StoreModulation(float* vs, const TileModulation& m) {
+  if (threadIdx.x < kD) {
+    const int i = threadIdx.x;
+    vs[kVGateAttn * kD + i] = m.v[0];
+    vs[kVScaleMlp * kD + i] = 1.0f + m.v[1];
+    vs[kVShiftMlp * kD + i] = m.v[2];
+    vs[kVGateMlp * kD + i] = m.v[3];
+    vs[kVScaleAttn * kD + i] = 1.0f + m.v[4];
+    vs[kVShiftAttn * kD + i] = m.v[5];
+  }
+}
+
+// Where a tile's passes read and write. The shared-memory regions are laid out by the kernel
+// (RowShape); the tile is rows [tok0, tok0 + rows) of the activation buffers.
+template <Precision P>
+struct RowWork {
+  using T = typename Prec<P>::T;
+  float* xs;                     // residual tile, float32, kXs apart
+  float* ss;                     // GEMM output before its row-wise epilogue
+  T* as;                         // GEMM operand, kAs apart: the attention rows on entry
+  float* vs;                     // vectors (VectorOffset)
+  float* ps;                     // split: this CTA's partial down product, read by its peers
+  const StreamWeightsDev* wp;    // the finishing layer's weights; null: none
+  const StreamWeightsDev* wq;    // the q/k/v layer's weights; null: none
+  const float* up_b;             // the MLP's up bias (staged in vs, or global)
+  int dim_ff;
+  int rank;                      // in the cluster
+  int tok0;
+  int rows;
+  bool rope;                     // the x stream: q and k get RoPE
+  const float2* rope_table;      // (cos, sin) of row r's pairs at (rope_row0 + r) * kHeadDim / 2
+  int rope_row0;
+  float* x_dst;                  // residual out; null: not written
+  void* q;                       // [tokens][D], T-typed
+  void* k;
+  void* v;
+};
+
+// The q/k/v passes [QkvBegin, QkvEnd) of a cluster CTA.
+__device__ __forceinline__ int QkvBegin(int rank, int split) { return (3 * rank + split - 1) / split; }
+__device__ __forceinline__ int QkvEnd(int rank, int split) {
+  return (3 * (rank + 1) + split - 1) / split;
+}
+
+// The weights of one D-wide pass of this warp: the output projection, hidden chunk fc of the MLP's
+// up and down matrices, and q, k or v (c = 0, 1, 2).
+template <Precision P, int kD>
+__device__ __forceinline__ WDesc<P> OutPass(const StreamWeightsDev* w, int warp) {
+  return WDesc<P>{static_cast<const typename Prec<P>::W*>(w->out_w), kD / 16, warp * (kD / 64), 0};
+}
+template <Precision P, int kD>
+__device__ __forceinline__ WDesc<P> UpPass(const StreamWeightsDev* w, int fc, int warp) {
+  return WDesc<P>{static_cast<const typename Prec<P>::W*>(w->up_w), kD / 16,
+                  fc * (kD / 8) + warp * (kD / 64), 0};
+}
+template <Precision P, int kD>
+__device__ __forceinline__ WDesc<P> DownPass(const StreamWeightsDev* w, int fc, int warp,
+                                             int dim_ff) {
+  return WDesc<P>{static_cast<const typename Prec<P>::W*>(w->down_w), dim_ff / 16,
+                  warp * (kD / 64), fc * (kD / 16)};
+}
+template <Precision P, int kD>
+__device__ __forceinline__ WDesc<P> QkvPass(const StreamWeightsDev* w, int c, int warp) {
+  return WDesc<P>{static_cast<const typename Prec<P>::W*>(w->qkv_w), kD / 16,
+                  c * (kD / 8) + warp * (kD / 64), 0};
+}
+
+// The weights of a tile's first pass (what the kernel loads into the fragments before the passes).
+template <Precision P, int kD, int kSplit>
+__device__ __forceinline__ WDesc<P> FirstPass(const RowWork<P>& w) {
+  const int warp = threadIdx.x >> 5;
+  if (w.wp != nullptr) return OutPass<P, kD>(w.wp, warp);
+  if (w.wq != nullptr && QkvBegin(w.rank, kSplit) < QkvEnd(w.rank, kSplit)) {
+    return QkvPass<P, kD>(w.wq, QkvBegin(w.rank, kSplit), warp);
+  }
+  return WDesc<P>{nullptr, 0, 0, 0};
+}
+
+// The passes of one tile, in order: [out, (up, down) x F/D] with w.wp, then [q, k, v] with w.wq.
+// On entry the residual is in xs, the attention rows (w.wp) in as, the vectors in vs, and (bf16)
+// `frags` holds FirstPass's fragments, all visible to every thread. A split CTA takes hidden
+// chunks rank, rank + kSplit, ... and the q/k/v passes [QkvBegin, QkvEnd). With w.wp and a
+// split, the exchange of partial products starts with a wait on the cluster barrier and ends
+// with an arrival: the caller arrives once before (by then no peer may still read ps) and waits
+// once after (before this CTA's shared memory may change or go away).
+template <Precision P, int kD, int kMT, int kSplit>
+__device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& frags) {
+  using S = RowShape<P, kD, kMT>;
+  using T = typename Prec<P>::T;
+  constexpr int kM = S::kM, kNT = S::kNT, kXs = S::kXs, kAs = S::kAs, kCols = S::kCols;
+  float* const xs = w.xs;
+  float* const ss = w.ss;
+  T* const as = w.as;
+  T* const hs = reinterpret_cast<T*>(ss);  // the MLP hidden chunk
+  const float* const vs = w.vs;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int col0 = lane * kCols;
+  const int rank = w.rank;
+  const int num_fc = w.dim_ff / kD;
+  const int qkv_begin = QkvBegin(rank, kSplit), qkv_end = QkvEnd(rank, kSplit);
+  const bool has_qkv = w.wq != nullptr && qkv_begin < qkv_end;
+  const WDesc<P> none{nullptr, 0, 0, 0};
+  auto up_d = [&](int fc) { return UpPass<P, kD>(w.wp, fc, warp); };
+  auto down_d = [&](int fc) { return DownPass<P, kD>(w.wp, fc, warp, w.dim_ff); };
+  auto qkv_d = [&](int c) { return QkvPass<P, kD>(w.wq, c, warp); };
+
+  float acc[kMT][kNT][4];
+  if (w.wp != nullptr) {
+    ZeroAcc(acc);
+    WarpGemm<P, kD, kMT>(acc, as, frags, OutPass<P, kD>(w.wp, warp),
+                         rank < num_fc ? up_d(rank) : (has_qkv ? qkv_d(qkv_begin) : none));
+    StoreAcc<kMT, kNT, kXs>(ss, acc, vs + kVOutB * kD, warp);
+    __syncthreads();
+    // RMSNorm of the projection, gated residual, modulated LayerNorm for the MLP.
+    float rms_w[kCols], gate[kCols], scale1[kCols], shift[kCols];
+    LoadCols<kCols>(rms_w, vs + kVOutRms * kD + col0);
+    LoadCols<kCols>(gate, vs + kVGateAttn * kD + col0);
+    LoadCols<kCols>(scale1, vs + kVScaleMlp * kD + col0);
+    LoadCols<kCols>(shift, vs + kVShiftMlp * kD + col0);
+    for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
+      const int r = warp * S::kRowsPerWarp + rr;
+      float v[kCols], x[kCols];
+      LoadCols<kCols>(v, ss + r * kXs + col0);
+      RmsNormRow<kCols>(v, rms_w);
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        x[j] = xs[r * kXs + col0 + j] + v[j] * gate[j];
+        xs[r * kXs + col0 + j] = x[j];
+      }
+      LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
+    }
+    __syncthreads();
+    float acc2[kMT][kNT][4];
+    ZeroAcc(acc2);
+    for (int fc = rank; fc < num_fc; fc += kSplit) {
+      ZeroAcc(acc);
+      WarpGemm<P, kD, kMT>(acc, as, frags, up_d(fc), down_d(fc));
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        const int col = (warp * kNT + n) * 8 + 2 * t;
+        const float b0 = w.up_b[fc * kD + col], b1 = w.up_b[fc * kD + col + 1];
+#pragma unroll
+        for (int m = 0; m < kMT; ++m) {
+          Store2(hs + (16 * m + g) * kAs + col, Silu<P>(acc[m][n][0] + b0),
+                 Silu<P>(acc[m][n][1] + b1));
+          Store2(hs + (16 * m + g + 8) * kAs + col, Silu<P>(acc[m][n][2] + b0),
+                 Silu<P>(acc[m][n][3] + b1));
+        }
+      }
+      __syncthreads();
+      WarpGemm<P, kD, kMT>(
+          acc2, hs, frags, down_d(fc),
+          fc + kSplit < num_fc ? up_d(fc + kSplit) : (has_qkv ? qkv_d(qkv_begin) : none));
+      __syncthreads();
+    }
+    if constexpr (kSplit > 1) {
+      // Each CTA publishes its partial down product in its own ps and, after the cluster
+      // barrier, sums the four in rank order, as every CTA of the cluster does, so that the
+      // residual stays identical across the cluster. (Pushing each partial into every CTA's
+      // shared memory instead needs a release at cluster scope: a GPU-wide fence.) The wait
+      // before the stores matches the caller's earlier arrival: the peers are done reading the
+      // previous contents of ps.
+      // f(row, column, element pair) for each of this thread's pairs of acc2.
+      auto each_pair = [&](auto f) {
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          const int col = (warp * kNT + n) * 8 + 2 * t;
+#pragma unroll
+          for (int m = 0; m < kMT; ++m) {
+            f(16 * m + g, col, acc2[m][n][0], acc2[m][n][1]);
+            f(16 * m + g + 8, col, acc2[m][n][2], acc2[m][n][3]);
+          }
+        }
+      };
+      ClusterWait();
+      each_pair([&](int row, int col, float& a, float& b) { Store2(w.ps + row * kXs + col, a, b); });
+      ClusterArrivePublish();
+      ClusterWait();
+      ZeroAcc(acc2);
+#pragma unroll
+      for (int q = 0; q < kSplit; ++q) {
+        each_pair([&](int row, int col, float& a, float& b) {
+          const float2 v = LoadCluster2(MapShared(w.ps + row * kXs + col, q));
+          a += v.x;
+          b += v.y;
+        });
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+      const int col = (warp * kNT + n) * 8 + 2 * t;
+      const float b0 = vs[kVDownB * kD + col], b1 = vs[kVDownB * kD + col + 1];
+      const float g0 = vs[kVGateMlp * kD + col], g1 = vs[kVGateMlp * kD + col + 1];
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) {
+        float* x0 = xs + (16 * m + g) * kXs + col;
+        float* x1 = x0 + 8 * kXs;
+        x0[0] += (acc2[m][n][0] + b0) * g0;
+        x0[1] += (acc2[m][n][1] + b1) * g1;
+        x1[0] += (acc2[m][n][2] + b0) * g0;
+        x1[1] += (acc2[m][n][3] + b1) * g1;
+      }
+    }
+    // Done reading the peers' partials: the values are consumed by the stores above.
+    if constexpr (kSplit > 1) ClusterArrive();
+    __syncthreads();
+    if (w.x_dst != nullptr) {
+      // A split tile's CTAs hold the same residual: each writes its share.
+      for (int i = threadIdx.x + rank * kThreads; i < kM * kD / 4; i += kThreads * kSplit) {
+        const int r = i / (kD / 4), c = (i % (kD / 4)) * 4;
+        if (r < w.rows) {
+          *reinterpret_cast<float4*>(w.x_dst + (size_t)(w.tok0 + r) * kD + c) =
+              *reinterpret_cast<const float4*>(xs + r * kXs + c);
+        }
+      }
+    }
+  }
+
+  if (has_qkv) {
+    {
+      float scale1[kCols], shift[kCols];
+      LoadCols<kCols>(scale1, vs + kVScaleAttn * kD + col0);
+      LoadCols<kCols>(shift, vs + kVShiftAttn * kD + col0);
+      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
+        const int r = warp * S::kRowsPerWarp + rr;
+        float x[kCols];
+        LoadCols<kCols>(x, xs + r * kXs + col0);
+        LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
+      }
+    }
+    __syncthreads();
+    T* const dst[3] = {static_cast<T*>(w.q), static_cast<T*>(w.k), static_cast<T*>(w.v)};
+    for (int c = qkv_begin; c < qkv_end; ++c) {
+      ZeroAcc(acc);
+      WarpGemm<P, kD, kMT>(acc, as, frags, qkv_d(c), c + 1 < qkv_end ? qkv_d(c + 1) : none);
+      StoreAcc<kMT, kNT, kXs>(ss, acc, vs + (kVQkvB + c) * kD, warp);
+      __syncthreads();
+      float qk_w[kCols];
+      if (c < 2) LoadCols<kCols>(qk_w, vs + (c == 0 ? kVRmsQ : kVRmsK) * kD + col0);
+      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
+        const int r = warp * S::kRowsPerWarp + rr;
+        if (r >= w.rows) break;  // warp-uniform
+        float v[kCols];
+        LoadCols<kCols>(v, ss + r * kXs + col0);
+        if (c < 2) {
+          RmsNormRow<kCols>(v, qk_w);
+          if (w.rope) RopeRow<kCols>(v, w.rope_table, w.rope_row0 + r, col0);
+        }
+        StoreRow<T, kCols>(dst[c] + (size_t)(w.tok0 + r) * kD + col0, v);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+}  // namespace row
+}  // namespace cuda
+}  // namespace mmdit
