@@ -239,6 +239,8 @@ class CudaForwardImpl {
   // grid barrier's counters.
   int fused_capacity = 0;
   unsigned* d_sync = nullptr;
+  void* d_fused_qkv_odd = nullptr;  // see FusedForwardParams::qkv_odd
+  int fused_qkv_odd_tokens = 0;
 };
 
 absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
@@ -412,6 +414,13 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
     if (absl::Status s = Alloc(&p, 2 * sizeof(unsigned)); !s.ok()) return s;
     d_sync = static_cast<unsigned*>(p);
     CUDA_RETURN_IF_ERROR(cudaMemset(d_sync, 0, 2 * sizeof(unsigned)));
+    // The odd layers' q, k and v: a fused batch has at most 16 tokens per cluster.
+    fused_qkv_odd_tokens = 16 * fused_capacity;
+    if (absl::Status s = Alloc(&d_fused_qkv_odd, 3 * sizeof(uint16_t) *
+                                                     static_cast<size_t>(fused_qkv_odd_tokens) * d);
+        !s.ok()) {
+      return s;
+    }
   }
   return absl::OkStatus();
 }
@@ -629,6 +638,8 @@ absl::Status CudaForwardImpl::RunStaged() {
     fp.mask_bits = tp.mask_bits;
     fp.scale_log2 = tp.scale_log2;
     fp.sync = d_sync;
+    fp.qkv_odd = d_fused_qkv_odd;
+    fp.qkv_odd_tokens = fused_qkv_odd_tokens;
     if (absl::Status s = cuda::LaunchFusedForward(fp, stream); !s.ok()) return s;
     Launched("fused");
     return absl::OkStatus();

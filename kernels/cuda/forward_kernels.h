@@ -179,6 +179,10 @@ struct FusedForwardParams {
   const uint32_t* mask_bits;
   float scale_log2;  // Dh^-0.5 * log2(e)
   unsigned* sync;    // [2] the grid barrier's counters, zero between launches
+  // The q, k and v of odd layers (even layers': row.q, k, v), each [tokens][D] bf16, tokens
+  // apart: a CTA may write layer l + 1's while another still reads layer l's.
+  void* qkv_odd;
+  int qkv_odd_tokens;
 };
 
 // Launches `kernel` with programmatic stream serialization (see LaunchDependents in mma.cuh):

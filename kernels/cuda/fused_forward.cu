@@ -2,7 +2,8 @@
 // kClusterSplit CTAs that stays resident for all layers. Per layer:
 //   row phase   the tile's passes (row_common.cuh): the end of the previous layer and the q/k/v of
 //               this one, the residual kept in shared memory across layers;
-//   grid barrier  every tile's q, k and v are written;
+//   grid barrier  every tile's q, k and v are written (odd and even layers' in separate buffers:
+//               a CTA past its attention writes the next layer's while others still read these);
 //   attention   the tile's 16 queries (joint rows of its sample), two heads per CTA, the keys
 //               split over four warps per head (attention_split_keys.cuh);
 //   cluster barrier  each CTA copies the tile's attention rows of all heads from its peers'
@@ -120,10 +121,24 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   w.rope_table = rope;
   w.rope_row0 = 0;
   w.x_dst = nullptr;
-  w.q = p.q;
-  w.k = p.k;
-  w.v = p.v;
-  const StreamWeightsDev* weights = p.weights + tile.stream;  // layer l's: weights[2 * l]
+  // q, k and v by layer parity (FusedForwardParams::qkv_odd).
+  bf16* const qkv[2][3] = {
+      {static_cast<bf16*>(p.q), static_cast<bf16*>(p.k), static_cast<bf16*>(p.v)},
+      {static_cast<bf16*>(fp.qkv_odd), static_cast<bf16*>(fp.qkv_odd) + fp.qkv_odd_tokens * kD,
+       static_cast<bf16*>(fp.qkv_odd) + 2 * (size_t)fp.qkv_odd_tokens * kD}};
+  auto use_qkv_of = [&](int layer) {
+    w.q = qkv[layer & 1][0];
+    w.k = qkv[layer & 1][1];
+    w.v = qkv[layer & 1][2];
+  };
+  use_qkv_of(0);
+  // The tile's stream's weight pointers of every layer, in shared memory: each layer's first
+  // loads (vectors, fragments) would otherwise wait on an L2 trip for the pointers.
+  __shared__ StreamWeightsDev weights[kMaxLayers];
+  for (int l = threadIdx.x; l < p.num_layers; l += kThreads) {
+    weights[l] = p.weights[2 * l + tile.stream];
+  }
+  __syncthreads();
   const float* mod = p.mod + tile.sample * (size_t)p.num_layers * 2 * 6 * kD;
 
   // Before the wait on adaLN: the tile's RoPE rows, layer 0's vectors and first fragments.
@@ -134,13 +149,15 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
                   : make_float2(1.0f, 0.0f);
   }
   w.wp = nullptr;
-  w.wq = weights;
+  w.wq = &weights[0];
   WFrags<kD> frags;
   {
     const WDesc<kP> first = FirstPass<kP, kD, kSplit>(w);
     if (first.wf != nullptr) LoadFrags(frags, first);
   }
-  StageWeightVectors<kD>(w.vs, w.wp, w.wq, p.dim_ff);
+  WeightVectors<kD> vectors;
+  vectors.Load(w.wp, w.wq, p.dim_ff);
+  vectors.Store(w.vs);
   WaitForPredecessor();
   {
     const TileModulation mv = LoadModulation<kD>(mod, tile.stream, -1, 0);
@@ -175,24 +192,25 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
     // Layer l's q, k and v are out: arrive, set up the next row phase while the others finish,
     // then wait for all of them.
     GridArrive(fp.sync);
-    w.wp = weights + 2 * l;
-    w.wq = l + 1 < p.num_layers ? weights + 2 * (l + 1) : nullptr;
+    w.wp = &weights[l];
+    w.wq = l + 1 < p.num_layers ? &weights[l + 1] : nullptr;
     w.x_dst = l + 1 < p.num_layers ? nullptr : p.x_dst;
-    StageWeightVectors<kD>(w.vs, w.wp, w.wq, p.dim_ff);
+    use_qkv_of(l + 1);
+    vectors.Load(w.wp, w.wq, p.dim_ff);
     const TileModulation mv =
         LoadModulation<kD>(mod, tile.stream, l, l + 1 < p.num_layers ? l + 1 : -1);
     {
       const WDesc<kP> first = FirstPass<kP, kD, kSplit>(w);
       LoadFrags(frags, first);
     }
+    vectors.Store(w.vs);
     GridWait(fp.sync, (l + 1) * gridDim.x);
     if (l + 1 == p.num_layers) GridDepart(fp.sync);
 
     // Attention of the tile's rows for this CTA's heads.
     attn.part[warp][lane] = SplitKeysWarp(
-        at, q0, static_cast<const bf16*>(p.q) + head_base,
-        static_cast<const bf16*>(p.k) + head_base, static_cast<const bf16*>(p.v) + head_base, kD,
-        mask, fp.scale_log2, warp % kKeyWarps, kKeyWarps, attn.warp[warp]);
+        at, q0, qkv[l & 1][0] + head_base, qkv[l & 1][1] + head_base, qkv[l & 1][2] + head_base,
+        kD, mask, fp.scale_log2, warp % kKeyWarps, kKeyWarps, attn.warp[warp]);
     __syncthreads();
     if (warp % kKeyWarps == 0) {
       float out[2][4];

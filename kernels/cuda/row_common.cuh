@@ -299,10 +299,10 @@ __device__ __forceinline__ uint32_t MapShared(const void* p, int rank) {
       : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
   return r;
 }
-__device__ __forceinline__ float2 LoadCluster2(uint32_t addr) {
-  float2 v;
-  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n"
-               : "=f"(v.x), "=f"(v.y)
+__device__ __forceinline__ float4 LoadClusterF4(uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
                : "r"(addr)
                : "memory");
   return v;
@@ -334,31 +334,51 @@ __device__ __forceinline__ void ClusterWait() {
       "fence.acquire.sync_restrict::shared::cluster.cluster;\n" ::: "memory");
 }
 
-// The weights' vectors of vs (VectorOffset, all but the modulation) for the finishing layer's
-// weights wp and the q/k/v layer's wq (null: zeros); up_b only when F <= kMaxStagedFF.
+// Where vs[i] (VectorOffset, the weights' part: below kVGateAttn, then up_b at kVUpB) comes from
+// for the finishing layer's weights wp and the q/k/v layer's wq; null: zero.
 template <int kD>
-__device__ __forceinline__ void StageWeightVectors(float* vs, const StreamWeightsDev* wp,
-                                                   const StreamWeightsDev* wq, int dim_ff) {
-  const bool stage_up_b = dim_ff <= kMaxStagedFF;
-  for (int i = threadIdx.x; i < kVGateAttn * kD + (stage_up_b ? dim_ff : 0); i += kThreads) {
-    float v = 0.0f;
-    if (i >= kVGateAttn * kD) {
-      if (wp) v = wp->up_b[i - kVGateAttn * kD];
-      vs[kVUpB * kD + i - kVGateAttn * kD] = v;
-      continue;
-    }
-    const int k = i % kD;
-    switch (i / kD) {
-      case kVOutB: if (wp) v = wp->out_b[k]; break;
-      case kVOutRms: if (wp) v = wp->out_rms[k]; break;
-      case kVDownB: if (wp) v = wp->down_b[k]; break;
-      case kVRmsQ: if (wq) v = wq->rms_q[k]; break;
-      case kVRmsK: if (wq) v = wq->rms_k[k]; break;
-      default: if (wq) v = wq->qkv_b[i - kVQkvB * kD]; break;  // q, k, v biases
-    }
-    vs[i] = v;
+__device__ __forceinline__ const float* WeightVectorSource(int i, const StreamWeightsDev* wp,
+                                                           const StreamWeightsDev* wq) {
+  if (i >= kVGateAttn * kD) return wp ? wp->up_b + (i - kVGateAttn * kD) : nullptr;
+  const int k = i % kD;
+  switch (i / kD) {
+    case kVOutB: return wp ? wp->out_b + k : nullptr;
+    case kVOutRms: return wp ? wp->out_rms + k : nullptr;
+    case kVDownB: return wp ? wp->down_b + k : nullptr;
+    case kVRmsQ: return wq ? wq->rms_q + k : nullptr;
+    case kVRmsK: return wq ? wq->rms_k + k : nullptr;
+    default: return wq ? wq->qkv_b + (i - kVQkvB * kD) : nullptr;  // q, k, v biases
   }
 }
+
+// The weights' vectors of vs (VectorOffset, all but the modulation) for wp and wq (null: zeros);
+// up_b only when F <= kMaxStagedFF. Loaded into registers, every load before the first store
+// (one after the other's store, they were a chain of L2 trips: 2.5 us between two layers of the
+// fused forward), and stored when the caller chooses.
+template <int kD>
+struct WeightVectors {
+  static constexpr int kPerThread = (kVGateAttn * kD + kMaxStagedFF + kThreads - 1) / kThreads;
+  float v[kPerThread];
+  int count;  // entries of vs in this launch's layout
+
+  __device__ __forceinline__ void Load(const StreamWeightsDev* wp, const StreamWeightsDev* wq,
+                                       int dim_ff) {
+    count = kVGateAttn * kD + (dim_ff <= kMaxStagedFF ? dim_ff : 0);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      const float* src = i < count ? WeightVectorSource<kD>(i, wp, wq) : nullptr;
+      v[j] = src != nullptr ? __ldg(src) : 0.0f;
+    }
+  }
+  __device__ __forceinline__ void Store(float* vs) const {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      if (i < count) vs[i < kVGateAttn * kD ? i : kVUpB * kD + i - kVGateAttn * kD] = v[j];
+    }
+  }
+};
 
 // The modulation of one column (thread < D) of a tile: gate, scale, shift (attention) and gate
 // (MLP) of the finishing layer, scale and shift (q/k/v) of the next; loaded into registers first
@@ -549,31 +569,34 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
       // shared memory instead needs a release at cluster scope: a GPU-wide fence.) The wait
       // before the stores matches the caller's earlier arrival: the peers are done reading the
       // previous contents of ps.
-      // f(row, column, element pair) for each of this thread's pairs of acc2.
-      auto each_pair = [&](auto f) {
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          const int col = (warp * kNT + n) * 8 + 2 * t;
-#pragma unroll
-          for (int m = 0; m < kMT; ++m) {
-            f(16 * m + g, col, acc2[m][n][0], acc2[m][n][1]);
-            f(16 * m + g + 8, col, acc2[m][n][2], acc2[m][n][3]);
-          }
-        }
-      };
+      // The partials are in fragment order, each thread's accumulators as consecutive float4s,
+      // so that a warp's remote reads are whole 512-byte lines. (In the tile's row layout, a warp
+      // read 8-byte pieces of 32-byte row segments, and the exchange took about a fifth of a
+      // layer at B = 1.) All remote loads are issued before the first sum.
+      static_assert(kSplit == 1 || kMT == 1, "split tiles have one m-tile");
+      float4* mine = reinterpret_cast<float4*>(w.ps) + warp * kNT * 32 + lane;
       ClusterWait();
-      each_pair([&](int row, int col, float& a, float& b) { Store2(w.ps + row * kXs + col, a, b); });
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        mine[n * 32] = make_float4(acc2[0][n][0], acc2[0][n][1], acc2[0][n][2], acc2[0][n][3]);
+      }
       ClusterArrivePublish();
       ClusterWait();
+      float4 part[kSplit][kNT];
+#pragma unroll
+      for (int q = 0; q < kSplit; ++q)
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) part[q][n] = LoadClusterF4(MapShared(mine + n * 32, q));
       ZeroAcc(acc2);
 #pragma unroll
-      for (int q = 0; q < kSplit; ++q) {
-        each_pair([&](int row, int col, float& a, float& b) {
-          const float2 v = LoadCluster2(MapShared(w.ps + row * kXs + col, q));
-          a += v.x;
-          b += v.y;
-        });
-      }
+      for (int q = 0; q < kSplit; ++q)
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          acc2[0][n][0] += part[q][n].x;
+          acc2[0][n][1] += part[q][n].y;
+          acc2[0][n][2] += part[q][n].z;
+          acc2[0][n][3] += part[q][n].w;
+        }
     }
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {

@@ -54,7 +54,11 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
     if (first.wf != nullptr) LoadFrags(frags, first);
   }
   // The weights' vectors (read-only: before the wait), then the modulation.
-  StageWeightVectors<kD>(w.vs, w.wp, w.wq, p.dim_ff);
+  {
+    WeightVectors<kD> vectors;
+    vectors.Load(w.wp, w.wq, p.dim_ff);
+    vectors.Store(w.vs);
+  }
   w.up_b = p.dim_ff <= kMaxStagedFF ? w.vs + kVUpB * kD : (w.wp ? w.wp->up_b : nullptr);
   WaitForPredecessor();
   // Every load of the tile's start is issued before the first store into shared memory: with
