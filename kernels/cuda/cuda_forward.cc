@@ -472,12 +472,14 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   // graph ms at the target shape, 16 tiles per sample, split 1 / 2 / 4): bf16 B = 2 0.283 / 0.202
   // / 0.225, B = 4 0.305 / 0.268 / 0.382, B = 8 0.314 / 0.288 / 0.591, B = 16 0.355 / 0.504 /
   // 0.962; fp32 B = 2 0.542 / 0.451 / 0.376, B = 4 0.579 / 0.469 / 0.627, B = 8 0.614 / 0.514 /
-  // 0.892, B = 16 0.729 / 0.928 / 1.51.
+  // 0.892, B = 16 0.729 / 0.928 / 1.51. With the cheaper exchange of 8172412 (split 2 / 4): bf16
+  // B = 2 0.187 / 0.184, B = 3 0.211 / 0.214, B = 4 0.240 / 0.297; fp32 B = 2 0.421 / 0.352, B = 3
+  // 0.431 / 0.365, B = 4 0.429 / 0.534.
   cluster_split = options.row_cluster_split;
   if (cluster_split == 0) {
     const bool bf16 = precision == Precision::kBf16;
     cluster_split = 1;
-    if (tiles16 * cuda::kClusterSplit <= (bf16 ? num_sms / 2 : num_sms)) {
+    if (tiles16 * cuda::kClusterSplit <= (bf16 ? num_sms / 2 : num_sms * 3 / 2)) {
       cluster_split = cuda::kClusterSplit;
     } else if (tiles16 * 2 <= 2 * num_sms) {
       cluster_split = 2;
