@@ -18,7 +18,6 @@
 #include <cuda_bf16.h>
 
 #include <atomic>
-#include <cstdlib>
 
 #include "kernels/cuda/attention_split_keys.cuh"
 #include "kernels/cuda/cuda_check.h"
@@ -161,21 +160,10 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   WaitForPredecessor();
   {
     const TileModulation mv = LoadModulation<kD>(mod, tile.stream, -1, 0);
-    constexpr int kXLoads = Shape::kM * kD / 4 / kThreads;
-    float4 xv[kXLoads];
-#pragma unroll
-    for (int k = 0; k < kXLoads; ++k) {
-      const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
-      xv[k] = r < w.rows
-                  ? *reinterpret_cast<const float4*>(p.x_src + (size_t)(w.tok0 + r) * kD + c)
-                  : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    ResidualTile<kD, Shape::kM> x;
+    x.Load(p.x_src, w.tok0, w.rows);
     StoreModulation<kD>(w.vs, mv);
-#pragma unroll
-    for (int k = 0; k < kXLoads; ++k) {
-      const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
-      *reinterpret_cast<float4*>(w.xs + r * Shape::kXs + c) = xv[k];
-    }
+    x.Store(w.xs, Shape::kXs);
   }
   __syncthreads();
   ClusterArrive();  // the first exchange (after layer 0's attention) starts with a wait
@@ -241,50 +229,51 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   ClusterWait();  // no CTA leaves while a peer may still read its shared memory
 }
 
+// A launch of `ctas` CTAs in clusters of kSplit; `launch`: also programmatic serialization (the
+// prologue overlaps adaLN) and cooperative (every CTA resident at once, or the launch fails).
+struct FusedLaunchConfig {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[3];
+  FusedLaunchConfig(int ctas, cudaStream_t stream, bool launch) {
+    config.gridDim = dim3(ctas);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = kSmemBytes;
+    config.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kSplit;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    attr[2].id = cudaLaunchAttributeCooperative;
+    attr[2].val.cooperative = 1;
+    config.attrs = attr;
+    config.numAttrs = launch ? 3 : 1;
+  }
+};
+
+absl::Status AllowFusedSmem() {
+  static std::atomic<uint64_t> smem_set{0};
+  return AllowDynamicSmem(reinterpret_cast<const void*>(&FusedForwardKernel), kSmemBytes,
+                          smem_set);
+}
+
 }  // namespace
 
 absl::StatusOr<int> FusedForwardCapacity() {
-  static std::atomic<uint64_t> smem_set{0};
-  const void* func = reinterpret_cast<const void*>(&FusedForwardKernel);
-  if (absl::Status s = AllowDynamicSmem(func, kSmemBytes, smem_set); !s.ok()) return s;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(kSplit);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = kSmemBytes;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = kSplit;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = 1;
+  if (absl::Status s = AllowFusedSmem(); !s.ok()) return s;
+  FusedLaunchConfig launch(kSplit, nullptr, /*launch=*/false);
   int clusters = 0;
-  CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveClusters(&clusters, FusedForwardKernel, &config));
+  CUDA_RETURN_IF_ERROR(
+      cudaOccupancyMaxActiveClusters(&clusters, FusedForwardKernel, &launch.config));
   return clusters;
 }
 
 absl::Status LaunchFusedForward(const FusedForwardParams& params, cudaStream_t stream) {
   if (params.row.num_tiles == 0) return absl::OkStatus();
-  static std::atomic<uint64_t> smem_set{0};
-  const void* func = reinterpret_cast<const void*>(&FusedForwardKernel);
-  if (absl::Status s = AllowDynamicSmem(func, kSmemBytes, smem_set); !s.ok()) return s;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(params.row.num_tiles * kSplit);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = kSmemBytes;
-  config.stream = stream;
-  cudaLaunchAttribute attr[3];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  attr[1].id = cudaLaunchAttributeClusterDimension;
-  attr[1].val.clusterDim.x = kSplit;
-  attr[1].val.clusterDim.y = 1;
-  attr[1].val.clusterDim.z = 1;
-  attr[2].id = cudaLaunchAttributeCooperative;
-  attr[2].val.cooperative = 1;
-  config.attrs = attr;
-  config.numAttrs = getenv("MMDIT_TMP_COOP") && atoi(getenv("MMDIT_TMP_COOP")) == 0 ? 2 : 3;
-  CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, FusedForwardKernel, params));
+  if (absl::Status s = AllowFusedSmem(); !s.ok()) return s;
+  FusedLaunchConfig launch(params.row.num_tiles * kSplit, stream, /*launch=*/true);
+  CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, FusedForwardKernel, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

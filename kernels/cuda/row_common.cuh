@@ -299,14 +299,6 @@ __device__ __forceinline__ uint32_t MapShared(const void* p, int rank) {
       : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
   return r;
 }
-__device__ __forceinline__ float4 LoadClusterF4(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
 __device__ __forceinline__ uint4 LoadCluster16(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -376,6 +368,31 @@ struct WeightVectors {
     for (int j = 0; j < kPerThread; ++j) {
       const int i = threadIdx.x + j * kThreads;
       if (i < count) vs[i < kVGateAttn * kD ? i : kVUpB * kD + i - kVGateAttn * kD] = v[j];
+    }
+  }
+};
+
+// The residual rows of a tile (zeros past its rows), loaded into registers so that the caller can
+// issue its other loads before the first store.
+template <int kD, int kM>
+struct ResidualTile {
+  static constexpr int kPerThread = kM * kD / 4 / kThreads;  // float4s
+  static_assert(kPerThread * 4 * kThreads == kM * kD, "the tile divides evenly over the threads");
+  float4 v[kPerThread];
+
+  __device__ __forceinline__ void Load(const float* x, int tok0, int rows) {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
+      v[k] = r < rows ? *reinterpret_cast<const float4*>(x + (size_t)(tok0 + r) * kD + c)
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+  __device__ __forceinline__ void Store(float* xs, int stride) const {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
+      *reinterpret_cast<float4*>(xs + r * stride + c) = v[k];
     }
   }
 };
@@ -586,7 +603,11 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
 #pragma unroll
       for (int q = 0; q < kSplit; ++q)
 #pragma unroll
-        for (int n = 0; n < kNT; ++n) part[q][n] = LoadClusterF4(MapShared(mine + n * 32, q));
+        for (int n = 0; n < kNT; ++n) {
+          const uint4 u = LoadCluster16(MapShared(mine + n * 32, q));
+          part[q][n] = make_float4(__uint_as_float(u.x), __uint_as_float(u.y),
+                                   __uint_as_float(u.z), __uint_as_float(u.w));
+        }
       ZeroAcc(acc2);
 #pragma unroll
       for (int q = 0; q < kSplit; ++q)

@@ -65,21 +65,13 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
   // in-order issue, each store held the loads after it behind its own L2 trip (three trips, the
   // modulation, the residual and the attention rows, instead of one).
   constexpr int kVec = 16 / sizeof(T);
-  constexpr int kXLoads = kM * kD / 4 / kThreads;     // float4 of the residual per thread
   constexpr int kALoads = kM * kD / kVec / kThreads;  // 16 bytes of attention output per thread
-  static_assert(kXLoads * 4 * kThreads == kM * kD && kALoads * kVec * kThreads == kM * kD,
-                "tile loads divide evenly over the threads");
+  static_assert(kALoads * kVec * kThreads == kM * kD, "tile loads divide evenly over the threads");
   const TileModulation mv =
       LoadModulation<kD>(p.mod + tile.sample * (size_t)p.num_layers * 2 * 6 * kD, tile.stream,
                          p.post_layer, p.qkv_layer);
-  float4 xv[kXLoads];
-#pragma unroll
-  for (int k = 0; k < kXLoads; ++k) {
-    const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
-    xv[k] = r < w.rows
-                ? *reinterpret_cast<const float4*>(p.x_src + (size_t)(w.tok0 + r) * kD + c)
-                : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
+  ResidualTile<kD, kM> x;
+  x.Load(p.x_src, w.tok0, w.rows);
   uint4 av[kALoads];
   if (p.post_layer >= 0) {  // the attention output, the projection's operand
     const T* attn = static_cast<const T*>(p.attn);
@@ -92,11 +84,7 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
     }
   }
   StoreModulation<kD>(w.vs, mv);
-#pragma unroll
-  for (int k = 0; k < kXLoads; ++k) {
-    const int e = threadIdx.x + k * kThreads, r = e / (kD / 4), c = (e % (kD / 4)) * 4;
-    *reinterpret_cast<float4*>(w.xs + r * kXs + c) = xv[k];
-  }
+  x.Store(w.xs, kXs);
   if (p.post_layer >= 0) {
 #pragma unroll
     for (int k = 0; k < kALoads; ++k) {
