@@ -468,6 +468,33 @@ TEST(GpuForwardTest, OneSampleRunsAsOneLaunch) {
   EXPECT_LE(testing::RelativeError(outputs[0], outputs[1]), 5e-3);
 }
 
+// A model deeper than the one-launch forward stages runs one launch per kernel even where the
+// one-launch forward is allowed: the same bits as with it disallowed.
+TEST(GpuForwardTest, DeepModelRunsLaunchPerKernel) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = kFusedForwardMaxLayers + 1;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 8);
+  std::vector<std::vector<float>> outputs;
+  for (bool fused : {true, false}) {
+    CudaForwardOptions options;
+    options.max_seq_len = 20;
+    options.max_context_len = 5;
+    options.fused_forward = fused;
+    options.row_tile_rows = 16;
+    options.row_cluster_split = 4;
+    options.attn_tile_queries = 16;
+    auto fwd = CudaForward::Create(weights, options);
+    ASSERT_TRUE(fwd.ok()) << fwd.status();
+    RandomBatch b = testing::MakeRandomBatch(config, {{20, 5}}, false, 9);
+    ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+    EXPECT_FALSE((*fwd)->fused());
+    for (float v : b.x_out[0]) ASSERT_TRUE(std::isfinite(v));
+    outputs.push_back(b.x_out[0]);
+  }
+  EXPECT_EQ(outputs[0], outputs[1]);
+}
+
 // A small case for compute-sanitizer (memcheck, racecheck): ragged, masked, both precisions,
 // every kernel.
 TEST(GpuForwardTest, SanitizerCase) {

@@ -406,8 +406,9 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   for (void** buf : {&d_q, &d_k, &d_v, &d_attn}) {
     if (absl::Status s = Alloc(buf, t_bytes); !s.ok()) return s;
   }
+  static_assert(cuda::kFusedMaxLayers == kFusedForwardMaxLayers);
   if (options.fused_forward && precision == Precision::kBf16 && d == 128 &&
-      clusters_supported && f <= cuda::kFusedMaxDimFF) {
+      clusters_supported && f <= cuda::kFusedMaxDimFF && n <= cuda::kFusedMaxLayers) {
     absl::StatusOr<int> capacity = cuda::FusedForwardCapacity();
     if (!capacity.ok()) return capacity.status();
     fused_capacity = *capacity;

@@ -18,6 +18,8 @@ namespace mmdit {
 
 enum class CudaPrecision { kBf16, kFp32Accurate };
 
+inline constexpr int kFusedForwardMaxLayers = 64;
+
 struct CudaForwardOptions {
   int device = 0;
   int max_batch_size = 1;
@@ -44,8 +46,8 @@ struct CudaForwardOptions {
   // bf16, D = 128, compute capability 9.0 and up: a batch whose tiling is 16-token row tiles on
   // clusters of four and 16-query attention (picked for a sample or two, or forced by the options
   // above) runs as one launch for the whole forward when its clusters fit on the GPU at once
-  // (fused_forward.cu). Off by default: on an H100 it is not yet faster than one launch per
-  // kernel (docs/BENCHMARKS.md).
+  // (fused_forward.cu), for models of up to kFusedForwardMaxLayers layers. Off by default: on an
+  // H100 it is not yet faster than one launch per kernel (docs/BENCHMARKS.md).
   bool fused_forward = false;
 };
 

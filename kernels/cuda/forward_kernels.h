@@ -19,7 +19,7 @@ namespace mmdit {
 namespace cuda {
 
 constexpr int kHeadDim = 16;
-constexpr int kMaxLayers = 64;
+constexpr int kFusedMaxLayers = 64;  // the fused forward stages its layers' weight pointers
 
 enum class Precision { kBf16, kFp32 };
 

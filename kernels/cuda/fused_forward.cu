@@ -8,10 +8,11 @@
 //               split over four warps per head (attention_split_keys.cuh);
 //   cluster barrier  each CTA copies the tile's attention rows of all heads from its peers'
 //               shared memory into its operand buffer.
-// At B = 1 the launch-per-kernel forward is 25 dependent launches whose starts (vectors,
-// modulation, residual and attention rows through L2) are each on the critical path; here a
-// layer's only global round trips are the q/k/v exchange and the barrier, and the next layer's
-// vectors, modulation and first weight fragments load while the barrier waits.
+// A layer's only global round trips are the q/k/v exchange and the barrier, and the next layer's
+// vectors, modulation and first weight fragments load while the barrier waits. Measured on an
+// H100 at B = 1 it takes the same time as one launch per kernel (docs/BENCHMARKS.md): with
+// programmatic dependent launch the kernel boundaries were already hidden, and the grid barrier
+// after the q/k/v stores costs what a boundary did.
 //
 // The grid barrier needs every CTA resident at once: the launch is cooperative (the driver
 // refuses a grid that cannot be), and the host takes this path only for grids that fit.
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   use_qkv_of(0);
   // The tile's stream's weight pointers of every layer, in shared memory: each layer's first
   // loads (vectors, fragments) would otherwise wait on an L2 trip for the pointers.
-  __shared__ StreamWeightsDev weights[kMaxLayers];
+  __shared__ StreamWeightsDev weights[kFusedMaxLayers];
   for (int l = threadIdx.x; l < p.num_layers; l += kThreads) {
     weights[l] = p.weights[2 * l + tile.stream];
   }
