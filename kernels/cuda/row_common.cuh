@@ -40,13 +40,13 @@ struct RowShape {
   static constexpr int kRowsPerWarp = kM / 8;
   // The residual tile, the GEMM output (whose space the MLP's hidden chunk reuses: it is dead
   // from the end of the projection's epilogue to the q/k/v GEMMs) and the GEMM operand; with a
-  // cluster split, one slot per CTA of the cluster for its partial down product.
+  // cluster split, the CTA's partial down product (its peers read it).
   static constexpr size_t kOutBytes = sizeof(float) * kM * kXs > sizeof(T) * kM * kAs
                                          ? sizeof(float) * kM * kXs
                                          : sizeof(T) * kM * kAs;
   static constexpr size_t kSmemBytes =
       sizeof(float) * kM * kXs + kOutBytes + sizeof(T) * kM * kAs;
-  static constexpr size_t kPartialBytes = sizeof(float) * kM * kXs;  // one slot
+  static constexpr size_t kPartialBytes = sizeof(float) * kM * kXs;  // the partial product
 };
 
 // The per-column vectors of a launch, staged in shared memory after the tiles (each pass read
