@@ -119,8 +119,9 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
   const int lane = threadIdx.x & 31;
   if constexpr (P == Precision::kBf16) {
     // With one m-tile a warp has only kNT accumulators, so consecutive k-steps would form one
-    // dependent MMA chain per accumulator; odd k-steps go to a second set (added at the end).
-    float odd[kMT == 1 ? kNT : 1][4] = {};
+    // dependent MMA chain per accumulator; k-step i goes to set i % kChains (summed at the end).
+    constexpr int kChains = kMT == 1 ? 4 : 1;
+    float extra[kChains > 1 ? kChains - 1 : 1][kNT][4] = {};
 #pragma unroll
     for (int i = 0; i < kD / 16; ++i) {
 #pragma unroll
@@ -129,8 +130,8 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
         LdMatrixX4(a, as + (16 * m + (lane & 15)) * S::kAs + 16 * i + (lane >> 4) * 8);
 #pragma unroll
         for (int n = 0; n < kNT; ++n) {
-          if (kMT == 1 && (i & 1)) {
-            MmaBf16(odd[kMT == 1 ? n : 0], a, f.b[i][n].x, f.b[i][n].y);
+          if (kChains > 1 && i % kChains != 0) {
+            MmaBf16(extra[i % kChains - 1][n], a, f.b[i][n].x, f.b[i][n].y);
           } else {
             MmaBf16(acc[m][n], a, f.b[i][n].x, f.b[i][n].y);
           }
@@ -144,11 +145,13 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
         }
       }
     }
-    if constexpr (kMT == 1) {
+    if constexpr (kChains > 1) {
 #pragma unroll
-      for (int n = 0; n < kNT; ++n)
+      for (int c = 0; c < kChains - 1; ++c)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[0][n][e] += odd[n][e];
+        for (int n = 0; n < kNT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[0][n][e] += extra[c][n][e];
     }
   } else {
     // The k8 steps fully unrolled, each step's weight fragments loaded kAhead steps before use
