@@ -178,7 +178,7 @@ int RowTiles16(const RandomBatch& b) {
 
 // Row tiles: 16 tokens on one CTA or on a cluster (CudaForwardOptions::row_cluster_split), or 64;
 // attention tiles of 64 or 128 queries, or 16 with the keys split over warps (bf16; fp32 takes
-// 64 there). `fused`: the one-launch forward where the batch fits it (bf16), the kernels of
+// 64 there). `fused` (bf16): the one-launch forward where the batch fits it, the kernels of
 // rows16x4_q16 otherwise.
 struct RowTiling {
   int rows;
@@ -220,7 +220,7 @@ TEST_P(GpuRandomTest, MatchesReference) {
   ASSERT_TRUE(fwd.ok()) << fwd.status();
   RandomBatch b = MakeCase(config, c, 99 + c.batch);
   ASSERT_TRUE((*fwd)->Run(b.samples).ok());
-  if (!tiling.fused || precision != CudaPrecision::kBf16) {
+  if (!tiling.fused) {
     EXPECT_FALSE((*fwd)->fused());
   } else if (RowTiles16(b) <= kFusedFitsEverywhere && HopperOrLater()) {
     EXPECT_TRUE((*fwd)->fused());
@@ -262,10 +262,16 @@ INSTANTIATE_TEST_SUITE_P(
     Random, GpuRandomTest,
     ::testing::Combine(::testing::ValuesIn(kCases),
                        ::testing::Values(CudaPrecision::kBf16, CudaPrecision::kFp32Accurate),
-                       ::testing::Values(kRows16, kRows16Split2, kRows16Split4, kRows64,
-                                         kFused),
+                       ::testing::Values(kRows16, kRows16Split2, kRows16Split4, kRows64),
                        ::testing::Values(false)),
     RandomName);
+
+// The one-launch forward is bf16 only: in fp32 its tiling is rows16x4_q16's, tested above.
+INSTANTIATE_TEST_SUITE_P(OneLaunch, GpuRandomTest,
+                         ::testing::Combine(::testing::ValuesIn(kCases),
+                                            ::testing::Values(CudaPrecision::kBf16),
+                                            ::testing::Values(kFused), ::testing::Values(false)),
+                         RandomName);
 
 INSTANTIATE_TEST_SUITE_P(ComparisonKernels, GpuRandomTest,
                          ::testing::Combine(::testing::ValuesIn(kCases),
