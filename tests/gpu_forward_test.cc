@@ -371,6 +371,69 @@ TEST(GpuForwardTest, WideFeedForwardFallsBack) {
   EXPECT_LE(CompareWithReference(weights, b, {0, 1, 2, 3}), kBf16Tolerance);
 }
 
+// Scores bounded by the q and k RMSNorm weights: the attention takes exp2 of them without a
+// running maximum. Layer 0 has the default gains (bound ~52 in exp2 units, no offset), layer 1's
+// q gains are 1.3x (bound ~67: an offset of ~3); held against the running maximum (option off)
+// and the reference, for each attention kernel (128- and 64-query tiles, keys split over warps).
+TEST(GpuForwardTest, BoundedScoresMatchRunningMaximum) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = 2;
+  ModelWeights weights = ModelWeights::Deterministic(config, 17);
+  for (StreamWeights* w : {&weights.layers[1].x, &weights.layers[1].context}) {
+    for (float& v : w->rms_q) v *= 1.3f;
+  }
+  for (int attn_queries : {128, 64, 16}) {
+    auto run = [&](bool bounded) {
+      CudaForwardOptions options;
+      options.max_batch_size = 3;
+      options.max_seq_len = 186;
+      options.max_context_len = 64;
+      options.row_tile_rows = 64;
+      options.attn_tile_queries = attn_queries;
+      options.static_softmax_offsets = bounded;
+      RandomBatch b = testing::MakeRandomBatch(config, {{186, 64}, {77, 1}, {9, 40}}, true, 3);
+      auto fwd = CudaForward::Create(weights, options);
+      EXPECT_TRUE(fwd.ok()) << fwd.status();
+      if (!fwd.ok()) return b;
+      EXPECT_EQ((*fwd)->bounded_score_layers(), bounded ? 2 : 0);
+      EXPECT_TRUE((*fwd)->Run(b.samples).ok());
+      return b;
+    };
+    const RandomBatch fast = run(true), lazy = run(false);
+    std::vector<float> got, want;
+    for (size_t i = 0; i < fast.x_out.size(); ++i) {
+      got.insert(got.end(), fast.x_out[i].begin(), fast.x_out[i].end());
+      want.insert(want.end(), lazy.x_out[i].begin(), lazy.x_out[i].end());
+    }
+    const double diff = testing::RelativeError(got, want);
+    const double err = CompareWithReference(weights, fast, {0, 1, 2});
+    std::printf("bounded scores, %d-query attention: rel err %.3g, rel diff against the running "
+                "maximum %.3g\n", attn_queries, err, diff);
+    EXPECT_LE(err, kBf16Tolerance);
+    EXPECT_LE(diff, 5e-3);
+  }
+}
+
+// Gains too large for the bound: the running maximum, without being asked.
+TEST(GpuForwardTest, UnboundedScoresKeepRunningMaximum) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = 2;
+  ModelWeights weights = ModelWeights::Deterministic(config, 17);
+  for (StreamWeights* w : {&weights.layers[0].x, &weights.layers[0].context}) {
+    for (float& v : w->rms_k) v *= 1.6f;  // bound ~83
+  }
+  CudaForwardOptions options;
+  auto fwd = CudaForward::Create(weights, options);
+  ASSERT_TRUE(fwd.ok()) << fwd.status();
+  EXPECT_EQ((*fwd)->bounded_score_layers(), 1);
+  options.precision = CudaPrecision::kFp32Accurate;
+  fwd = CudaForward::Create(weights, options);
+  ASSERT_TRUE(fwd.ok()) << fwd.status();
+  EXPECT_EQ((*fwd)->bounded_score_layers(), 0);
+}
+
 TEST(GpuForwardTest, GraphReplayMatchesRun) {
   SKIP_WITHOUT_GPU();
   MmditConfig config = TargetConfig();

@@ -7,8 +7,10 @@
 //
 // Per item: each warp owns 16 queries and streams every key of the sample (x keys, then context
 // keys) through shared memory in stages of 256, in 64-key score blocks held in registers, with
-// an online softmax in exp2 (scale folded in). K and V are staged row-major as they are in
-// global memory; ldmatrix gives the B fragments of Q K^T and, transposed, of P V.
+// an online softmax in exp2 (scale folded in), or, where the weights bound the scores
+// (AttentionParams::scores_bounded), exp2 of the products less a fixed offset. K and V are staged
+// row-major as they are in global memory; ldmatrix gives the B fragments of Q K^T and,
+// transposed, of P V.
 #include <atomic>
 #include <type_traits>
 
@@ -80,7 +82,7 @@ __device__ __forceinline__ void LoadQuery(const AttentionParams& p, const Item& 
   qa[3] = *reinterpret_cast<const uint32_t*>(q + r1 * p.dim + 8);
 }
 
-template <int kWarps, int kMinBlocks>
+template <int kWarps, int kMinBlocks, bool kBounded>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     AttentionBf16Kernel(const AttentionParams p) {
   constexpr int kThreads = kWarps * 32;
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       constexpr int kMode = decltype(mode)::value;
       const uint32_t kl_bytes = (kb - kstage) * kBf16RowStride * 2;
       float s[8][4];
-      ScoreBlockBf16(s, qa, k_base + kl_bytes);
+      ScoreBlockBf16(s, qa, k_base + kl_bytes, kBounded ? -p.score_offset : 0.0f);
       if constexpr (kMode == 2) {
         MaskScoreBlock(s, mask, it.seq_len, it.num_keys, rr0, rr1, kb, t);
       } else if constexpr (kMode == 1) {
@@ -154,10 +156,13 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
           }
         }
       }
-      float mx0, mx1;
-      BlockRowMax(s, mx0, mx1);
-      LazyRescale(mx0, mx1, lazy, p.scale_log2, m0, m1, b0, b1, o, osum);
-      AccumulatePV(s, b0, b1, p.scale_log2, v_base + kl_bytes, o, osum);
+      if constexpr (!kBounded) {
+        float mx0, mx1;
+        BlockRowMax(s, mx0, mx1);
+        LazyRescale(mx0, mx1, lazy, p.scale_log2, m0, m1, b0, b1, o, osum);
+        ToExponents(s, b0, b1, p.scale_log2);
+      }
+      AccumulatePV(s, v_base + kl_bytes, o, osum);
     };
     if (active) {
       const int kend = min(it.num_keys, kstage + kStageKeys);
@@ -198,19 +203,19 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   }
 }
 
-template <int kWarps, int kMinBlocks>
+template <int kWarps, int kMinBlocks, bool kBounded>
 absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream) {
   static std::atomic<int> ctas_per_sm{0};
   int per_sm = ctas_per_sm.load(std::memory_order_relaxed);
   if (per_sm == 0) {
     CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, AttentionBf16Kernel<kWarps, kMinBlocks>, kWarps * 32, 0));
+        &per_sm, AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>, kWarps * 32, 0));
     per_sm = max(per_sm, 1);
     ctas_per_sm.store(per_sm, std::memory_order_relaxed);
   }
   const int items = params.num_tiles * (params.dim / kHeadDim);
   const int grid = min(items, per_sm * params.num_sms);
-  CUDA_RETURN_IF_ERROR(LaunchPdl(AttentionBf16Kernel<kWarps, kMinBlocks>, dim3(grid),
+  CUDA_RETURN_IF_ERROR(LaunchPdl(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>, dim3(grid),
                                  dim3(kWarps * 32), 0, stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
@@ -223,8 +228,14 @@ absl::Status LaunchAttentionBf16Persistent(const AttentionParams& params, int ti
   if (params.num_tiles == 0) return absl::OkStatus();
   // Three 256-thread CTAs per SM (80 registers): 84.8 us per layer at B = 256 against 95.5 with
   // two (128 registers).
-  if (tile_queries == 128) return LaunchPersistent<8, 3>(params, stream);
-  if (tile_queries == 64) return LaunchPersistent<4, 6>(params, stream);
+  if (tile_queries == 128) {
+    return params.scores_bounded ? LaunchPersistent<8, 3, true>(params, stream)
+                                 : LaunchPersistent<8, 3, false>(params, stream);
+  }
+  if (tile_queries == 64) {
+    return params.scores_bounded ? LaunchPersistent<4, 6, true>(params, stream)
+                                 : LaunchPersistent<4, 6, false>(params, stream);
+  }
   return absl::UnimplementedError(
       absl::StrCat("attention tiles of ", tile_queries, " queries; supported: 64, 128"));
 }

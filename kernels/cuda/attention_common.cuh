@@ -2,7 +2,8 @@
 // (MODEL.md step 6), and the per-block steps of the online softmax on a warp's 16 x 64 score
 // block in the m16n8 accumulator layout (s[j][0..1]: row g, keys 8j + 2t, +1; s[j][2..3]:
 // row g + 8); for the bf16 kernels with K and V staged row-major (attention_bf16.cu,
-// attention_split_keys.cu), the block's products and its lazy offset update.
+// attention_split_keys.cu), the block's products and its lazy offset update (which bounded
+// scores, AttentionParams::scores_bounded, do without).
 #pragma once
 
 #include <cstdint>
@@ -125,16 +126,16 @@ __device__ __forceinline__ void LdMatrixX4TransAt(uint32_t (&r)[4], uint32_t add
                : "r"(addr));
 }
 
-// The raw scores Q K^T of the 64 keys whose K rows start at k_addr (this lane's row offset
-// included).
+// The scores Q K^T of the 64 keys whose K rows start at k_addr (this lane's row offset
+// included), plus `start`.
 __device__ __forceinline__ void ScoreBlockBf16(float (&s)[8][4], const uint32_t (&qa)[4],
-                                               uint32_t k_addr) {
+                                               uint32_t k_addr, float start = 0.0f) {
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
     uint32_t kf[4];
     LdMatrixX4At(kf, k_addr + 16 * u * kBf16RowStride * 2);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) MmaBf16Zero(s[2 * u + h], qa, kf[2 * h], kf[2 * h + 1]);
+    for (int h = 0; h < 2; ++h) MmaBf16From(s[2 * u + h], qa, kf[2 * h], kf[2 * h + 1], start);
   }
 }
 
@@ -160,13 +161,24 @@ __device__ __forceinline__ void LazyRescale(float mx0, float mx1, float lazy, fl
   }
 }
 
-// o += P V and osum += P 1 for P = exp2(s * scale_log2 - b) of the 64 keys whose V rows start at
-// v_addr (this lane's row offset included). Exponentials in fp32, packed to bf16 as P's A
-// operand (ex2.approx.bf16x2 is two MUFU operations and a PRMT in SASS: no cheaper); row sums
-// from the tensor cores as P times a column of ones.
-__device__ __forceinline__ void AccumulatePV(const float (&s)[8][4], float b0, float b1,
-                                             float scale_log2, uint32_t v_addr, float (&o)[2][4],
-                                             float (&osum)[4]) {
+// Scores to exp2 exponents, in place: s * scale_log2 - b0 on row g, - b1 on row g + 8.
+__device__ __forceinline__ void ToExponents(float (&s)[8][4], float b0, float b1,
+                                            float scale_log2) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    s[j][0] = fmaf(s[j][0], scale_log2, -b0);
+    s[j][1] = fmaf(s[j][1], scale_log2, -b0);
+    s[j][2] = fmaf(s[j][2], scale_log2, -b1);
+    s[j][3] = fmaf(s[j][3], scale_log2, -b1);
+  }
+}
+
+// o += P V and osum += P 1 for P = exp2(e) of the 64 keys whose V rows start at v_addr (this
+// lane's row offset included). Exponentials in fp32, packed to bf16 as P's A operand
+// (ex2.approx.bf16x2 is two MUFU operations and a PRMT in SASS: no cheaper); row sums from the
+// tensor cores as P times a column of ones.
+__device__ __forceinline__ void AccumulatePV(const float (&e)[8][4], uint32_t v_addr,
+                                             float (&o)[2][4], float (&osum)[4]) {
   constexpr uint32_t kOnes = 0x3f803f80u;  // bf16x2 (1, 1)
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
@@ -174,10 +186,8 @@ __device__ __forceinline__ void AccumulatePV(const float (&s)[8][4], float b0, f
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int j = 2 * u + h;
-      a[2 * h] =
-          PackBf16(Exp2(fmaf(s[j][0], scale_log2, -b0)), Exp2(fmaf(s[j][1], scale_log2, -b0)));
-      a[2 * h + 1] =
-          PackBf16(Exp2(fmaf(s[j][2], scale_log2, -b1)), Exp2(fmaf(s[j][3], scale_log2, -b1)));
+      a[2 * h] = PackBf16(Exp2(e[j][0]), Exp2(e[j][1]));
+      a[2 * h + 1] = PackBf16(Exp2(e[j][2]), Exp2(e[j][3]));
     }
     uint32_t vf[4];
     LdMatrixX4TransAt(vf, v_addr + 16 * u * kBf16RowStride * 2);

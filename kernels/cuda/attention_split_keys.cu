@@ -25,6 +25,7 @@ struct Smem {
   SplitKeysPartial part[kWarps][32];
 };
 
+template <bool kBounded>
 __global__ void __launch_bounds__(kWarps * 32) AttentionSplitKeysKernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
@@ -38,9 +39,10 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionSplitKeysKernel(const At
   const uint32_t* mask = tile.mask_off >= 0 ? p.mask_bits + tile.mask_off : nullptr;
   WaitForPredecessor();
   sm.part[warp][lane] =
-      SplitKeysWarp(tile, tile.q0, static_cast<const bf16*>(p.q) + base,
-                    static_cast<const bf16*>(p.k) + base, static_cast<const bf16*>(p.v) + base,
-                    p.dim, mask, p.scale_log2, warp, kWarps, sm.warp[warp]);
+      SplitKeysWarp<kBounded>(tile, tile.q0, static_cast<const bf16*>(p.q) + base,
+                              static_cast<const bf16*>(p.k) + base,
+                              static_cast<const bf16*>(p.v) + base, p.dim, mask, p.scale_log2,
+                              p.score_offset, warp, kWarps, sm.warp[warp]);
   __syncthreads();
   if (warp != 0) return;
   float out[2][4];
@@ -53,18 +55,23 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionSplitKeysKernel(const At
   }
 }
 
-}  // namespace
-
-absl::Status LaunchAttentionSplitKeys(const AttentionParams& params, cudaStream_t stream) {
-  if (params.num_tiles == 0) return absl::OkStatus();
+template <bool kBounded>
+absl::Status Launch(const AttentionParams& params, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
-  const void* func = reinterpret_cast<const void*>(&AttentionSplitKeysKernel);
+  const void* func = reinterpret_cast<const void*>(&AttentionSplitKeysKernel<kBounded>);
   if (absl::Status s = AllowDynamicSmem(func, sizeof(Smem), smem_set); !s.ok()) return s;
-  CUDA_RETURN_IF_ERROR(LaunchPdl(AttentionSplitKeysKernel,
+  CUDA_RETURN_IF_ERROR(LaunchPdl(AttentionSplitKeysKernel<kBounded>,
                                  dim3(params.num_tiles, params.dim / kHeadDim),
                                  dim3(kWarps * 32), sizeof(Smem), stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status LaunchAttentionSplitKeys(const AttentionParams& params, cudaStream_t stream) {
+  if (params.num_tiles == 0) return absl::OkStatus();
+  return params.scores_bounded ? Launch<true>(params, stream) : Launch<false>(params, stream);
 }
 
 }  // namespace cuda

@@ -2,7 +2,8 @@
 // the split-keys kernel (attention_split_keys.cu) and the fused small-batch forward
 // (fused_forward.cu): each warp takes every parts-th 64-key block through its own cp.async double
 // buffer (K and V rows as in global memory, read by ldmatrix, V transposed) with its own online
-// softmax (the lazy maximum of attention_common.cuh), and one warp combines the partials.
+// softmax (the lazy maximum of attention_common.cuh, or none where the scores are bounded), and
+// one warp combines the partials.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,13 +31,15 @@ struct SplitKeysPartial {
 // One warp's partial for joint query rows q0 + g and q0 + g + 8 (clamped to the sample's last
 // row) of the sample at `tile`, over its key blocks part, part + parts, ... q, k and v point at
 // the sample's first row and the head's first column; rows are `dim` apart. q is read through L2
-// (it may have been written by another CTA of the same launch).
+// (it may have been written by another CTA of the same launch). kBounded: the scores less
+// score_offset are exp2 exponents (AttentionParams::scores_bounded); the partial's offsets are 0.
+template <bool kBounded>
 __device__ __forceinline__ SplitKeysPartial SplitKeysWarp(const AttnTile& tile, int q0,
                                                           const __nv_bfloat16* q,
                                                           const __nv_bfloat16* k,
                                                           const __nv_bfloat16* v, int dim,
                                                           const uint32_t* mask, float scale_log2,
-                                                          int part, int parts,
+                                                          float score_offset, int part, int parts,
                                                           SplitKeysBuffers& wb) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int T = tile.num_keys;
@@ -81,14 +84,19 @@ __device__ __forceinline__ SplitKeysPartial SplitKeysWarp(const AttnTile& tile, 
     const uint32_t k_base = k_lane + static_cast<uint32_t>(__cvta_generic_to_shared(wb.k[buf]));
     const uint32_t v_base = v_lane + static_cast<uint32_t>(__cvta_generic_to_shared(wb.v[buf]));
     float s[8][4];
-    ScoreBlockBf16(s, qa, k_base);
+    ScoreBlockBf16(s, qa, k_base, kBounded ? -score_offset : 0.0f);
     if (mask != nullptr || kb + kKeyBlock > T) {
       MaskScoreBlock(s, mask, tile.seq_len, T, rr0, rr1, kb, t);
     }
-    float mx0, mx1;
-    BlockRowMax(s, mx0, mx1);
-    LazyRescale(mx0, mx1, lazy, scale_log2, m0, m1, b0, b1, o, osum);
-    AccumulatePV(s, b0, b1, scale_log2, v_base, o, osum);
+    if constexpr (kBounded) {
+      m0 = m1 = 0.0f;
+    } else {
+      float mx0, mx1;
+      BlockRowMax(s, mx0, mx1);
+      LazyRescale(mx0, mx1, lazy, scale_log2, m0, m1, b0, b1, o, osum);
+      ToExponents(s, b0, b1, scale_log2);
+    }
+    AccumulatePV(s, v_base, o, osum);
     __syncwarp();  // this buffer's ldmatrix reads are done before it is refilled
   }
   SplitKeysPartial r;

@@ -212,6 +212,12 @@ class CudaForwardImpl {
   const float* d_adaln_b = nullptr;
   const float2* d_rope = nullptr;
   const void* d_wgmma_images = nullptr;  // bf16, D = 128 on compute capability 9.0
+  // The attention's score scale Dh^-0.5 * log2(e): in bf16 it is folded into the q RMSNorm
+  // weights, so that the scores come out of the tensor cores as exp2 exponents.
+  float score_scale_log2 = 0.0f;
+  bool q_carries_scale = false;
+  // Per layer: AttentionParams::score_offset where its scores are bounded, else -1.
+  std::vector<float> score_offset;
 
   // Capacity.
   int max_tokens = 0, max_row_tiles = 0, max_attn_tiles = 0;
@@ -266,6 +272,11 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
               precision == Precision::kBf16 && d == 128 && f % cuda::kWgmmaHidden == 0 &&
               f <= cuda::kWgmmaMaxDimFF;
   std::vector<uint16_t> wgmma_images;
+  score_scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(cuda::kHeadDim)));
+  q_carries_scale = precision == Precision::kBf16;
+  // The largest |weight| of the q and k RMSNorms over each head's features, both streams.
+  const int heads = d / cuda::kHeadDim;
+  std::vector<float> q_gain(static_cast<size_t>(n) * heads), k_gain(q_gain.size());
   std::vector<Offsets> offs(2 * n);
   std::vector<float> adaln_b(static_cast<size_t>(2 * n) * 6 * d);
   for (int l = 0; l < n; ++l) {
@@ -287,7 +298,18 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
         }
       }
       o.qkv_b = blob.AddFloats(w.qkv_b);
-      o.rms_q = blob.AddFloats(w.rms_q);
+      if (q_carries_scale) {
+        std::vector<float> rms_q = w.rms_q;
+        for (float& v : rms_q) v *= score_scale_log2;
+        o.rms_q = blob.AddFloats(rms_q);
+      } else {
+        o.rms_q = blob.AddFloats(w.rms_q);
+      }
+      for (int i = 0; i < d; ++i) {
+        const size_t h = static_cast<size_t>(l) * heads + i / cuda::kHeadDim;
+        q_gain[h] = std::max(q_gain[h], std::fabs(w.rms_q[i]));
+        k_gain[h] = std::max(k_gain[h], std::fabs(w.rms_k[i]));
+      }
       o.rms_k = blob.AddFloats(w.rms_k);
       o.out_b = blob.AddFloats(w.out_b);
       o.out_rms = blob.AddFloats(w.out_rms);
@@ -330,6 +352,24 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
     off_adaln_wt = blob.AddFloats(adaln_wt);
   }
   const size_t off_adaln_b = blob.AddFloats(adaln_b);
+  // q and k are RMS-normalised over all D features before the heads split, so a head's part of
+  // either has norm at most sqrt(D) * its largest |weight| (RoPE rotates pairs and keeps it), and
+  // a score is at most the product of the two norms times the scale. (1 + 2^-6) covers the
+  // rounding of the stored bf16 values.
+  score_offset.assign(n, -1.0f);
+  if (q_carries_scale && options.static_softmax_offsets) {
+    for (int l = 0; l < n; ++l) {
+      double bound = 0.0;
+      for (int h = 0; h < heads; ++h) {
+        const size_t i = static_cast<size_t>(l) * heads + h;
+        bound = std::max(bound, double(d) * q_gain[i] * k_gain[i] * score_scale_log2);
+      }
+      bound *= 1.0 + 1.0 / 64;
+      if (bound <= cuda::kBoundedScoreMax) {
+        score_offset[l] = static_cast<float>(std::max(0.0, bound - 64.0));
+      }
+    }
+  }
   const size_t off_streams = blob.Add(nullptr, sizeof(StreamWeightsDev) * 2 * n);
   const size_t off_wgmma = blob.Add(wgmma_images.data(), wgmma_images.size() * 2);
   void* d_blob = nullptr;
@@ -352,6 +392,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   if (use_wgmma) d_wgmma_images = base + off_wgmma;
   d_adaln_w = base + off_adaln_wt;
   d_adaln_b = reinterpret_cast<const float*>(base + off_adaln_b);
+
   {
     // RoPE (cos, sin) for every position the config allows: the angle in float32 as the
     // reference computes it (float32 pow and product), its cosine and sine in double.
@@ -629,7 +670,7 @@ absl::Status CudaForwardImpl::RunStaged() {
   tp.out = d_attn;
   tp.num_tiles = num_attn_tiles;
   tp.dim = d;
-  tp.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(cuda::kHeadDim)));
+  tp.scale_log2 = q_carries_scale ? 1.0f : score_scale_log2;
   tp.num_sms = num_sms;
   const bool persistent = precision == Precision::kBf16 && options.persistent_attention;
 
@@ -658,6 +699,8 @@ absl::Status CudaForwardImpl::RunStaged() {
   if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
   Launched("row");
   for (int l = 0; l < n; ++l) {
+    tp.scores_bounded = score_offset[l] >= 0.0f;
+    tp.score_offset = std::max(score_offset[l], 0.0f);
     if (absl::Status s =
             tile_queries == 16 ? cuda::LaunchAttentionSplitKeys(tp, stream)
             : persistent       ? cuda::LaunchAttentionBf16Persistent(tp, tile_queries, stream)
@@ -832,5 +875,9 @@ int CudaForward::tile_rows() const { return impl_->tile_rows; }
 int CudaForward::row_cluster_split() const { return impl_->cluster_split; }
 int CudaForward::tile_queries() const { return impl_->tile_queries; }
 bool CudaForward::fused() const { return impl_->fused; }
+int CudaForward::bounded_score_layers() const {
+  return static_cast<int>(std::count_if(impl_->score_offset.begin(), impl_->score_offset.end(),
+                                        [](float o) { return o >= 0.0f; }));
+}
 
 }  // namespace mmdit

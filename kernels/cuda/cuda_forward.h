@@ -49,6 +49,10 @@ struct CudaForwardOptions {
   // (fused_forward.cu), for models of up to kFusedForwardMaxLayers layers. Off by default: on an
   // H100 it is not yet faster than one launch per kernel (docs/BENCHMARKS.md).
   bool fused_forward = false;
+  // bf16: where the q and k RMSNorm weights bound a layer's scores (AttentionParams::
+  // scores_bounded), the attention takes their exponentials without a running maximum; false:
+  // always the running maximum (for comparisons and tests).
+  bool static_softmax_offsets = true;
 };
 
 class CudaForwardImpl;
@@ -86,6 +90,9 @@ class CudaForward {
   int row_cluster_split() const;
   // Whether the staged batch runs as the one-launch forward (CudaForwardOptions::fused_forward).
   bool fused() const;
+  // Layers whose attention takes exp2 of the scores without a running maximum
+  // (CudaForwardOptions::static_softmax_offsets; the one-launch forward keeps the maximum).
+  int bounded_score_layers() const;
 
   ~CudaForward();
 

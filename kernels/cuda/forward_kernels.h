@@ -166,9 +166,17 @@ struct AttentionParams {
   void* out;      // [tokens][D], T-typed
   int num_tiles;
   int dim;        // D
-  float scale_log2;  // Dh^-0.5 * log2(e)
+  float scale_log2;  // Dh^-0.5 * log2(e), or 1 where q carries it (bf16)
   int num_sms;    // the persistent kernel's grid is what fits on them at once
+  // bf16, where scale_log2 is 1 and the q and k RMSNorm weights bound every score of this layer
+  // to |s| <= B with B <= kBoundedScoreMax (the host's bound): the bf16 kernels take
+  // exp2(s - score_offset) with score_offset = max(0, B - 64), in [2^-96, 2^64], far inside fp32
+  // and bf16 range, without a running maximum or rescaling (softmax does not depend on the
+  // offset).
+  bool scores_bounded;
+  float score_offset;
 };
+constexpr double kBoundedScoreMax = 80.0;
 
 // The whole forward of a small bf16 batch (D = 128) in one launch (fused_forward.cu): the row
 // tiles of `row` (16 tokens, clusters of kClusterSplit CTAs) from row.x_src to row.x_dst, with
@@ -177,7 +185,7 @@ constexpr int kFusedMaxDimFF = 2048;  // its shared memory holds the vectors of 
 struct FusedForwardParams {
   RowParams row;
   const uint32_t* mask_bits;
-  float scale_log2;  // Dh^-0.5 * log2(e)
+  float scale_log2;  // as AttentionParams'
   unsigned* sync;    // [2] the grid barrier's counters, zero between launches
   // The q, k and v of odd layers (even layers': row.q, k, v), each [tokens][D] bf16, tokens
   // apart: a CTA may write layer l + 1's while another still reads layer l's.

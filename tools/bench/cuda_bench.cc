@@ -175,6 +175,10 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       }
       // 1: the one-launch forward for the batches it takes (CudaForwardOptions::fused_forward).
       if (const char* v = std::getenv("MMDIT_BENCH_FUSED")) fo.fused_forward = std::atoi(v) != 0;
+      // 0: a running softmax maximum everywhere (CudaForwardOptions::static_softmax_offsets).
+      if (const char* v = std::getenv("MMDIT_BENCH_STATIC_OFFSETS")) {
+        fo.static_softmax_offsets = std::atoi(v) != 0;
+      }
       absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, fo);
       if (!fwd.ok()) return fwd.status();
       CudaForward& f = **fwd;
