@@ -8,7 +8,7 @@
 // Per item: each warp owns 16 queries and streams every key of the sample (x keys, then context
 // keys) through shared memory in stages of 256, in 64-key score blocks held in registers, with
 // an online softmax in exp2 (scale folded in), or, where the weights bound the scores
-// (AttentionParams::scores_bounded), exp2 of the products less a fixed offset. K and V are staged
+// (AttentionParams::scores_bounded), exp2 of the products as they are. K and V are staged
 // row-major as they are in global memory; ldmatrix gives the B fragments of Q K^T and,
 // transposed, of P V.
 #include <atomic>
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       constexpr int kMode = decltype(mode)::value;
       const uint32_t kl_bytes = (kb - kstage) * kBf16RowStride * 2;
       float s[8][4];
-      ScoreBlockBf16(s, qa, k_base + kl_bytes, kBounded ? -p.score_offset : 0.0f);
+      ScoreBlockBf16(s, qa, k_base + kl_bytes);
       if constexpr (kMode == 2) {
         MaskScoreBlock(s, mask, it.seq_len, it.num_keys, rr0, rr1, kb, t);
       } else if constexpr (kMode == 1) {

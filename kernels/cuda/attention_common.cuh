@@ -59,15 +59,19 @@ __device__ __forceinline__ uint32_t VisibleWord(const uint32_t* mask, int L, int
 // only the keys past the sample's last (T) are hidden.
 __device__ __forceinline__ void MaskScoreBlock(float (&s)[8][4], const uint32_t* mask, int L, int T,
                                                int rr0, int rr1, int kb, int t) {
+  // Shifted by this lane's first column, so that each test below is of a constant bit (per-lane
+  // bit masks, 32 of them, were spilled).
   const uint64_t vis0 =
-      VisibleWord(mask, L, T, rr0, kb) | (uint64_t)VisibleWord(mask, L, T, rr0, kb + 32) << 32;
+      (VisibleWord(mask, L, T, rr0, kb) | (uint64_t)VisibleWord(mask, L, T, rr0, kb + 32) << 32) >>
+      (2 * t);
   const uint64_t vis1 =
-      VisibleWord(mask, L, T, rr1, kb) | (uint64_t)VisibleWord(mask, L, T, rr1, kb + 32) << 32;
+      (VisibleWord(mask, L, T, rr1, kb) | (uint64_t)VisibleWord(mask, L, T, rr1, kb + 32) << 32) >>
+      (2 * t);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int col = 8 * j + 2 * t + e;
+      const int col = 8 * j + e;
       if (!((vis0 >> col) & 1u)) s[j][e] = -INFINITY;
       if (!((vis1 >> col) & 1u)) s[j][2 + e] = -INFINITY;
     }
@@ -127,15 +131,15 @@ __device__ __forceinline__ void LdMatrixX4TransAt(uint32_t (&r)[4], uint32_t add
 }
 
 // The scores Q K^T of the 64 keys whose K rows start at k_addr (this lane's row offset
-// included), plus `start`.
+// included).
 __device__ __forceinline__ void ScoreBlockBf16(float (&s)[8][4], const uint32_t (&qa)[4],
-                                               uint32_t k_addr, float start = 0.0f) {
+                                               uint32_t k_addr) {
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
     uint32_t kf[4];
     LdMatrixX4At(kf, k_addr + 16 * u * kBf16RowStride * 2);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) MmaBf16From(s[2 * u + h], qa, kf[2 * h], kf[2 * h + 1], start);
+    for (int h = 0; h < 2; ++h) MmaBf16Zero(s[2 * u + h], qa, kf[2 * h], kf[2 * h + 1]);
   }
 }
 

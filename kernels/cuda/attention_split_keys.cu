@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionSplitKeysKernel(const At
       SplitKeysWarp<kBounded>(tile, tile.q0, static_cast<const bf16*>(p.q) + base,
                               static_cast<const bf16*>(p.k) + base,
                               static_cast<const bf16*>(p.v) + base, p.dim, mask, p.scale_log2,
-                              p.score_offset, warp, kWarps, sm.warp[warp]);
+                              warp, kWarps, sm.warp[warp]);
   __syncthreads();
   if (warp != 0) return;
   float out[2][4];

@@ -31,15 +31,15 @@ struct SplitKeysPartial {
 // One warp's partial for joint query rows q0 + g and q0 + g + 8 (clamped to the sample's last
 // row) of the sample at `tile`, over its key blocks part, part + parts, ... q, k and v point at
 // the sample's first row and the head's first column; rows are `dim` apart. q is read through L2
-// (it may have been written by another CTA of the same launch). kBounded: the scores less
-// score_offset are exp2 exponents (AttentionParams::scores_bounded); the partial's offsets are 0.
+// (it may have been written by another CTA of the same launch). kBounded: the scores are exp2
+// exponents as they are (AttentionParams::scores_bounded); the partial's offsets are 0.
 template <bool kBounded>
 __device__ __forceinline__ SplitKeysPartial SplitKeysWarp(const AttnTile& tile, int q0,
                                                           const __nv_bfloat16* q,
                                                           const __nv_bfloat16* k,
                                                           const __nv_bfloat16* v, int dim,
                                                           const uint32_t* mask, float scale_log2,
-                                                          float score_offset, int part, int parts,
+                                                          int part, int parts,
                                                           SplitKeysBuffers& wb) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int T = tile.num_keys;
@@ -84,7 +84,7 @@ __device__ __forceinline__ SplitKeysPartial SplitKeysWarp(const AttnTile& tile, 
     const uint32_t k_base = k_lane + static_cast<uint32_t>(__cvta_generic_to_shared(wb.k[buf]));
     const uint32_t v_base = v_lane + static_cast<uint32_t>(__cvta_generic_to_shared(wb.v[buf]));
     float s[8][4];
-    ScoreBlockBf16(s, qa, k_base, kBounded ? -score_offset : 0.0f);
+    ScoreBlockBf16(s, qa, k_base);
     if (mask != nullptr || kb + kKeyBlock > T) {
       MaskScoreBlock(s, mask, tile.seq_len, T, rr0, rr1, kb, t);
     }

@@ -216,8 +216,8 @@ class CudaForwardImpl {
   // weights, so that the scores come out of the tensor cores as exp2 exponents.
   float score_scale_log2 = 0.0f;
   bool q_carries_scale = false;
-  // Per layer: AttentionParams::score_offset where its scores are bounded, else -1.
-  std::vector<float> score_offset;
+  // Per layer: AttentionParams::scores_bounded.
+  std::vector<bool> scores_bounded;
 
   // Capacity.
   int max_tokens = 0, max_row_tiles = 0, max_attn_tiles = 0;
@@ -356,7 +356,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   // either has norm at most sqrt(D) * its largest |weight| (RoPE rotates pairs and keeps it), and
   // a score is at most the product of the two norms times the scale. (1 + 2^-6) covers the
   // rounding of the stored bf16 values.
-  score_offset.assign(n, -1.0f);
+  scores_bounded.assign(n, false);
   if (q_carries_scale && options.static_softmax_offsets) {
     for (int l = 0; l < n; ++l) {
       double bound = 0.0;
@@ -364,10 +364,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
         const size_t i = static_cast<size_t>(l) * heads + h;
         bound = std::max(bound, double(d) * q_gain[i] * k_gain[i] * score_scale_log2);
       }
-      bound *= 1.0 + 1.0 / 64;
-      if (bound <= cuda::kBoundedScoreMax) {
-        score_offset[l] = static_cast<float>(std::max(0.0, bound - 64.0));
-      }
+      scores_bounded[l] = bound * (1.0 + 1.0 / 64) <= cuda::kBoundedScoreMax;
     }
   }
   const size_t off_streams = blob.Add(nullptr, sizeof(StreamWeightsDev) * 2 * n);
@@ -699,8 +696,7 @@ absl::Status CudaForwardImpl::RunStaged() {
   if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
   Launched("row");
   for (int l = 0; l < n; ++l) {
-    tp.scores_bounded = score_offset[l] >= 0.0f;
-    tp.score_offset = std::max(score_offset[l], 0.0f);
+    tp.scores_bounded = scores_bounded[l];
     if (absl::Status s =
             tile_queries == 16 ? cuda::LaunchAttentionSplitKeys(tp, stream)
             : persistent       ? cuda::LaunchAttentionBf16Persistent(tp, tile_queries, stream)
@@ -876,8 +872,8 @@ int CudaForward::row_cluster_split() const { return impl_->cluster_split; }
 int CudaForward::tile_queries() const { return impl_->tile_queries; }
 bool CudaForward::fused() const { return impl_->fused; }
 int CudaForward::bounded_score_layers() const {
-  return static_cast<int>(std::count_if(impl_->score_offset.begin(), impl_->score_offset.end(),
-                                        [](float o) { return o >= 0.0f; }));
+  return static_cast<int>(
+      std::count(impl_->scores_bounded.begin(), impl_->scores_bounded.end(), true));
 }
 
 }  // namespace mmdit

@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
     // Attention of the tile's rows for this CTA's heads.
     attn.part[warp][lane] = SplitKeysWarp<false>(
         at, q0, qkv[l & 1][0] + head_base, qkv[l & 1][1] + head_base, qkv[l & 1][2] + head_base,
-        kD, mask, fp.scale_log2, 0.0f, warp % kKeyWarps, kKeyWarps, attn.warp[warp]);
+        kD, mask, fp.scale_log2, warp % kKeyWarps, kKeyWarps, attn.warp[warp]);
     __syncthreads();
     if (warp % kKeyWarps == 0) {
       float out[2][4];
