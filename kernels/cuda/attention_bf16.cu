@@ -227,10 +227,13 @@ absl::Status LaunchAttentionBf16Persistent(const AttentionParams& params, int ti
                                            cudaStream_t stream) {
   if (params.num_tiles == 0) return absl::OkStatus();
   // Three 256-thread CTAs per SM (80 registers): 84.8 us per layer at B = 256 against 95.5 with
-  // two (128 registers).
+  // two (128 registers). Bounded scores need fewer registers: four CTAs (64 registers, some
+  // spilled) took 66.0 us against 68.5 with three (H200), the loop being latency-bound, where the
+  // keys and values fit in the L2 (AttentionParams::keys_fit_l2).
   if (tile_queries == 128) {
-    return params.scores_bounded ? LaunchPersistent<8, 3, true>(params, stream)
-                                 : LaunchPersistent<8, 3, false>(params, stream);
+    if (!params.scores_bounded) return LaunchPersistent<8, 3, false>(params, stream);
+    return params.keys_fit_l2 ? LaunchPersistent<8, 4, true>(params, stream)
+                              : LaunchPersistent<8, 3, true>(params, stream);
   }
   if (tile_queries == 64) {
     return params.scores_bounded ? LaunchPersistent<4, 6, true>(params, stream)

@@ -198,6 +198,7 @@ class CudaForwardImpl {
   MmditConfig config;
   Precision precision = Precision::kBf16;
   int num_sms = 0;
+  int l2_bytes = 0;
   cudaStream_t stream = nullptr;
   std::vector<void*> device_allocs;
   cudaGraphExec_t graph_exec = nullptr;
@@ -254,6 +255,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
   CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
                                               options.device));
+  CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, options.device));
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 
   // Weights, converted and laid out once.
@@ -669,6 +671,7 @@ absl::Status CudaForwardImpl::RunStaged() {
   tp.dim = d;
   tp.scale_log2 = q_carries_scale ? 1.0f : score_scale_log2;
   tp.num_sms = num_sms;
+  tp.keys_fit_l2 = static_cast<int64_t>(num_tokens) * d * 2 * 2 <= int64_t{l2_bytes} * 3 / 4;
   const bool persistent = precision == Precision::kBf16 && options.persistent_attention;
 
   if (fused) {
