@@ -371,18 +371,26 @@ TEST(GpuForwardTest, WideFeedForwardFallsBack) {
   EXPECT_LE(CompareWithReference(weights, b, {0, 1, 2, 3}), kBf16Tolerance);
 }
 
+// Two target layers of deterministic weights, with one layer's q or k RMSNorm gains (both
+// streams) scaled by `factor`.
+ModelWeights WithScaledGains(int layer, bool keys, float factor) {
+  MmditConfig config = TargetConfig();
+  config.num_layers = 2;
+  ModelWeights weights = ModelWeights::Deterministic(config, 17);
+  for (StreamWeights* w : {&weights.layers[layer].x, &weights.layers[layer].context}) {
+    for (float& v : keys ? w->rms_k : w->rms_q) v *= factor;
+  }
+  return weights;
+}
+
 // Scores bounded by the q and k RMSNorm weights: the attention takes exp2 of them without a
 // running maximum. Layer 0 has the default gains (bound ~52 in exp2 units), layer 1's q gains
 // are 1.2x (bound ~62, near the limit of 64); held against the running maximum (option off) and
 // the reference, for each attention kernel (128- and 64-query tiles, keys split over warps).
 TEST(GpuForwardTest, BoundedScoresMatchRunningMaximum) {
   SKIP_WITHOUT_GPU();
-  MmditConfig config = TargetConfig();
-  config.num_layers = 2;
-  ModelWeights weights = ModelWeights::Deterministic(config, 17);
-  for (StreamWeights* w : {&weights.layers[1].x, &weights.layers[1].context}) {
-    for (float& v : w->rms_q) v *= 1.2f;
-  }
+  const ModelWeights weights = WithScaledGains(1, /*keys=*/false, 1.2f);
+  const MmditConfig& config = weights.config;
   for (int attn_queries : {128, 64, 16}) {
     auto run = [&](bool bounded) {
       CudaForwardOptions options;
@@ -418,12 +426,7 @@ TEST(GpuForwardTest, BoundedScoresMatchRunningMaximum) {
 // Gains too large for the bound: the running maximum, without being asked.
 TEST(GpuForwardTest, UnboundedScoresKeepRunningMaximum) {
   SKIP_WITHOUT_GPU();
-  MmditConfig config = TargetConfig();
-  config.num_layers = 2;
-  ModelWeights weights = ModelWeights::Deterministic(config, 17);
-  for (StreamWeights* w : {&weights.layers[0].x, &weights.layers[0].context}) {
-    for (float& v : w->rms_k) v *= 1.3f;  // bound ~68
-  }
+  const ModelWeights weights = WithScaledGains(0, /*keys=*/true, 1.3f);  // layer 0's bound ~68
   CudaForwardOptions options;
   auto fwd = CudaForward::Create(weights, options);
   ASSERT_TRUE(fwd.ok()) << fwd.status();
