@@ -391,7 +391,6 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   if (use_wgmma) d_wgmma_images = base + off_wgmma;
   d_adaln_w = base + off_adaln_wt;
   d_adaln_b = reinterpret_cast<const float*>(base + off_adaln_b);
-
   {
     // RoPE (cos, sin) for every position the config allows: the angle in float32 as the
     // reference computes it (float32 pow and product), its cosine and sine in double.
