@@ -215,8 +215,10 @@ class CudaForwardImpl {
   const void* d_wgmma_images = nullptr;  // bf16, D = 128 on compute capability 9.0
   // The attention's score scale Dh^-0.5 * log2(e): in bf16 it is folded into the q RMSNorm
   // weights, so that the scores come out of the tensor cores as exp2 exponents.
-  float score_scale_log2 = 0.0f;
-  bool q_carries_scale = false;
+  static float ScoreScaleLog2() {
+    return static_cast<float>(1.4426950408889634 / std::sqrt(double(cuda::kHeadDim)));
+  }
+  bool QCarriesScale() const { return precision == Precision::kBf16; }
   // Per layer: AttentionParams::scores_bounded.
   std::vector<bool> scores_bounded;
 
@@ -274,8 +276,6 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
               precision == Precision::kBf16 && d == 128 && f % cuda::kWgmmaHidden == 0 &&
               f <= cuda::kWgmmaMaxDimFF;
   std::vector<uint16_t> wgmma_images;
-  score_scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(cuda::kHeadDim)));
-  q_carries_scale = precision == Precision::kBf16;
   // The largest |weight| of the q and k RMSNorms over each head's features, both streams.
   const int heads = d / cuda::kHeadDim;
   std::vector<float> q_gain(static_cast<size_t>(n) * heads), k_gain(q_gain.size());
@@ -300,9 +300,9 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
         }
       }
       o.qkv_b = blob.AddFloats(w.qkv_b);
-      if (q_carries_scale) {
+      if (QCarriesScale()) {
         std::vector<float> rms_q = w.rms_q;
-        for (float& v : rms_q) v *= score_scale_log2;
+        for (float& v : rms_q) v *= ScoreScaleLog2();
         o.rms_q = blob.AddFloats(rms_q);
       } else {
         o.rms_q = blob.AddFloats(w.rms_q);
@@ -359,12 +359,12 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   // a score is at most the product of the two norms times the scale. (1 + 2^-6) covers the
   // rounding of the stored bf16 values.
   scores_bounded.assign(n, false);
-  if (q_carries_scale && options.static_softmax_offsets) {
+  if (QCarriesScale() && options.static_softmax_offsets) {
     for (int l = 0; l < n; ++l) {
       double bound = 0.0;
       for (int h = 0; h < heads; ++h) {
         const size_t i = static_cast<size_t>(l) * heads + h;
-        bound = std::max(bound, double(d) * q_gain[i] * k_gain[i] * score_scale_log2);
+        bound = std::max(bound, double(d) * q_gain[i] * k_gain[i] * ScoreScaleLog2());
       }
       scores_bounded[l] = bound * (1.0 + 1.0 / 64) <= cuda::kBoundedScoreMax;
     }
@@ -668,7 +668,7 @@ absl::Status CudaForwardImpl::RunStaged() {
   tp.out = d_attn;
   tp.num_tiles = num_attn_tiles;
   tp.dim = d;
-  tp.scale_log2 = q_carries_scale ? 1.0f : score_scale_log2;
+  tp.scale_log2 = QCarriesScale() ? 1.0f : ScoreScaleLog2();
   tp.num_sms = num_sms;
   tp.keys_fit_l2 = static_cast<int64_t>(num_tokens) * d * 2 * 2 <= int64_t{l2_bytes} * 3 / 4;
   const bool persistent = precision == Precision::kBf16 && options.persistent_attention;
