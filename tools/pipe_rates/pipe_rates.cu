@@ -163,46 +163,42 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) Wgmma(float* sink, long 
 #endif
 }
 
-template <int kN, int kWarpgroups, bool kPipelined>
-void RunWgmma(const char* name, int sms) {
+// Runs `kernel` twice (the first run warms up) on `blocks` CTAs of `threads`, and returns the
+// slowest CTA's cycles from the second run.
+template <typename Kernel>
+long long SlowestCtaCycles(Kernel kernel, int blocks, int threads, int smem) {
   float* sink;
   long long* cycles;
-  CHECK(cudaMalloc(&sink, sizeof(float) * sms * 128 * kWarpgroups));
-  CHECK(cudaMalloc(&cycles, sizeof(long long) * sms));
-  auto kernel = Wgmma<kN, kWarpgroups, kPipelined>;
-  const int smem = 8 * kN * 16 * 2;
-  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<sms, 128 * kWarpgroups, smem>>>(sink, cycles);
-  kernel<<<sms, 128 * kWarpgroups, smem>>>(sink, cycles);
-  CHECK(cudaGetLastError());
-  CHECK(cudaDeviceSynchronize());
-  std::vector<long long> host(sms);
-  CHECK(cudaMemcpy(host.data(), cycles, sizeof(long long) * sms, cudaMemcpyDeviceToHost));
-  long long worst = 0;
-  for (long long v : host) worst = v > worst ? v : worst;
-  const double flop = 2.0 * 64 * kN * 16 * 8 * kWgIters * kWarpgroups;
-  std::printf("%-44s %10.1f %10.0f\n", name, double(worst) / (kWgIters * kWarpgroups),
-              flop / worst);
-  CHECK(cudaFree(sink));
-  CHECK(cudaFree(cycles));
-}
-
-template <int kMma, int kEx2, int kPack, int kEx2H2>
-void Run(const char* name, int sms, int blocks_per_sm) {
-  const int blocks = sms * blocks_per_sm;
-  float* sink;
-  long long* cycles;
-  CHECK(cudaMalloc(&sink, sizeof(float) * blocks * kThreads));
+  CHECK(cudaMalloc(&sink, sizeof(float) * blocks * threads));
   CHECK(cudaMalloc(&cycles, sizeof(long long) * blocks));
-  auto kernel = Pipes<kMma, kEx2, kPack, kEx2H2>;
-  kernel<<<blocks, kThreads>>>(sink, cycles);  // warm-up
-  kernel<<<blocks, kThreads>>>(sink, cycles);
+  if (smem > 0) {
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  }
+  for (int run = 0; run < 2; ++run) kernel<<<blocks, threads, smem>>>(sink, cycles);
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
   std::vector<long long> host(blocks);
   CHECK(cudaMemcpy(host.data(), cycles, sizeof(long long) * blocks, cudaMemcpyDeviceToHost));
   long long worst = 0;
   for (long long v : host) worst = v > worst ? v : worst;
+  CHECK(cudaFree(sink));
+  CHECK(cudaFree(cycles));
+  return worst;
+}
+
+template <int kN, int kWarpgroups, bool kPipelined>
+void RunWgmma(const char* name, int sms) {
+  const long long worst = SlowestCtaCycles(Wgmma<kN, kWarpgroups, kPipelined>, sms,
+                                           128 * kWarpgroups, 8 * kN * 16 * 2);
+  const double flop = 2.0 * 64 * kN * 16 * 8 * kWgIters * kWarpgroups;
+  std::printf("%-44s %10.1f %10.0f\n", name, double(worst) / (kWgIters * kWarpgroups),
+              flop / worst);
+}
+
+template <int kMma, int kEx2, int kPack, int kEx2H2>
+void Run(const char* name, int sms, int blocks_per_sm) {
+  const long long worst =
+      SlowestCtaCycles(Pipes<kMma, kEx2, kPack, kEx2H2>, sms * blocks_per_sm, kThreads, 0);
   // Every CTA of an SM runs at once (the grid is exactly blocks_per_sm per SM), so the SM
   // executed blocks_per_sm * warps * kIters iterations in about `worst` cycles.
   const double warp_iters = double(blocks_per_sm) * (kThreads / 32) * kIters;
@@ -210,8 +206,6 @@ void Run(const char* name, int sms, int blocks_per_sm) {
   auto rate = [&](int n) { return n > 0 ? n / per_iter : 0.0; };
   std::printf("%-34s %10.2f %10.3f %10.3f %10.3f %10.3f\n", name, per_iter, rate(kMma),
               rate(kEx2), rate(kPack), rate(kEx2H2));
-  CHECK(cudaFree(sink));
-  CHECK(cudaFree(cycles));
 }
 
 }  // namespace
