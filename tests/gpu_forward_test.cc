@@ -177,8 +177,8 @@ int RowTiles16(const RandomBatch& b) {
 }
 
 // Row tiles: 16 tokens on one CTA or on a cluster (CudaForwardOptions::row_cluster_split), or 64;
-// attention tiles of 64 or 128 queries, or 16 with the keys split over warps (bf16; fp32 takes
-// 64 there). `fused` (bf16): the one-launch forward where the batch fits it, the kernels of
+// attention tiles of 64, 128 or 256 queries (256: bf16 only), or 16 with the keys split over
+// warps (bf16; fp32 takes 64 there). `fused` (bf16): the one-launch forward where the batch fits it, the kernels of
 // rows16x4_q16 otherwise.
 struct RowTiling {
   int rows;
@@ -189,7 +189,7 @@ struct RowTiling {
 };
 const RowTiling kRows16{16, 1, 64, "rows16"}, kRows16Split2{16, 2, 64, "rows16x2"},
     kRows16Split4{16, 4, 16, "rows16x4_q16"}, kRows64{64, 1, 128, "rows64"},
-    kFused{16, 4, 16, "fused", true};
+    kRows64Q256{64, 1, 256, "rows64_q256"}, kFused{16, 4, 16, "fused", true};
 
 // The last parameter selects the kernels kept for comparison (the mma.sync row kernel and the
 // one-CTA-per-item attention) instead of the bf16 defaults on Hopper.
@@ -265,6 +265,14 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(kRows16, kRows16Split2, kRows16Split4, kRows64),
                        ::testing::Values(false)),
     RandomName);
+
+// 256-query attention tiles are bf16 only (the persistent kernel).
+INSTANTIATE_TEST_SUITE_P(Queries256, GpuRandomTest,
+                         ::testing::Combine(::testing::ValuesIn(kCases),
+                                            ::testing::Values(CudaPrecision::kBf16),
+                                            ::testing::Values(kRows64Q256),
+                                            ::testing::Values(false)),
+                         RandomName);
 
 // The one-launch forward is bf16 only: in fp32 its tiling is rows16x4_q16's, tested above.
 INSTANTIATE_TEST_SUITE_P(OneLaunch, GpuRandomTest,
@@ -386,12 +394,13 @@ ModelWeights WithScaledGains(int layer, bool keys, float factor) {
 // Scores bounded by the q and k RMSNorm weights: the attention takes exp2 of them without a
 // running maximum. Layer 0 has the default gains (bound ~52 in exp2 units), layer 1's q gains
 // are 1.2x (bound ~62, near the limit of 64); held against the running maximum (option off) and
-// the reference, for each attention kernel (128- and 64-query tiles, keys split over warps).
+// the reference, for each attention kernel (256-, 128- and 64-query tiles, keys split over
+// warps).
 TEST(GpuForwardTest, BoundedScoresMatchRunningMaximum) {
   SKIP_WITHOUT_GPU();
   const ModelWeights weights = WithScaledGains(1, /*keys=*/false, 1.2f);
   const MmditConfig& config = weights.config;
-  for (int attn_queries : {128, 64, 16}) {
+  for (int attn_queries : {256, 128, 64, 16}) {
     auto run = [&](bool bounded) {
       CudaForwardOptions options;
       options.max_batch_size = 3;
@@ -492,6 +501,17 @@ TEST(GpuForwardTest, RejectsBatchesOverCapacity) {
   options.row_cluster_split = 0;
   options.attn_tile_queries = 16;
   options.precision = CudaPrecision::kFp32Accurate;
+  EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  options.attn_tile_queries = 256;  // the persistent bf16 kernel's only
+  EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  options.precision = CudaPrecision::kBf16;
+  options.persistent_attention = false;
+  EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  options.attn_tile_queries = 384;
+  options.persistent_attention = true;
   EXPECT_EQ(CudaForward::Create(weights, options).status().code(),
             absl::StatusCode::kInvalidArgument);
 }

@@ -244,12 +244,16 @@ absl::Status LaunchAttentionBf16Persistent(const AttentionParams& params, int ti
     return params.keys_fit_l2 ? LaunchPersistent<8, 4, true>(params, stream)
                               : LaunchPersistent<8, 3, true>(params, stream);
   }
+  if (tile_queries == 256) {
+    return params.scores_bounded ? LaunchPersistent<16, 2, true>(params, stream)
+                                 : LaunchPersistent<16, 1, false>(params, stream);
+  }
   if (tile_queries == 64) {
     return params.scores_bounded ? LaunchPersistent<4, 6, true>(params, stream)
                                  : LaunchPersistent<4, 6, false>(params, stream);
   }
   return absl::UnimplementedError(
-      absl::StrCat("attention tiles of ", tile_queries, " queries; supported: 64, 128"));
+      absl::StrCat("attention tiles of ", tile_queries, " queries; supported: 64, 128, 256"));
 }
 
 }  // namespace cuda

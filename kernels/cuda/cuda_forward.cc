@@ -474,7 +474,7 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   }
   if (absl::Status s = ValidateBatch(config, b); !s.ok()) return s;
   size_t mask_words = 0;
-  int tiles64 = 0, tiles16 = 0, attn128 = 0, attn16 = 0;
+  int tiles64 = 0, tiles16 = 0, attn256 = 0, attn128 = 0, attn16 = 0;
   for (int i = 0; i < static_cast<int>(b.size()); ++i) {
     const ForwardSample& s = b[i];
     if (s.seq_len > options.max_seq_len || s.context_len > options.max_context_len) {
@@ -486,6 +486,7 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     if (s.attn_mask) mask_words += static_cast<size_t>(s.seq_len + 2) * CeilDiv(s.seq_len, 32);
     tiles64 += CeilDiv(s.seq_len, 64) + CeilDiv(s.context_len, 64);
     tiles16 += CeilDiv(s.seq_len, 16) + CeilDiv(s.context_len, 16);
+    attn256 += CeilDiv(s.seq_len + s.context_len, 256);
     attn128 += CeilDiv(s.seq_len + s.context_len, 128);
     attn16 += CeilDiv(s.seq_len + s.context_len, 16);
   }
@@ -526,12 +527,23 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     }
   }
   if (tile_rows != 16 || !clusters_supported) cluster_split = 1;  // D = 64 has 64-token tiles
+  // bf16 with bounded scores in every layer takes 256-query tiles once there are two items per
+  // SM: at the target shape a sample's queries are one tile, so its keys and values are staged
+  // once per head instead of twice (H100, graph ms, 128- against 256-query tiles: B = 32 0.360
+  // / 0.357, B = 48 0.460 / 0.449, B = 64 0.500 / 0.489, B = 256 1.806 / 1.777, B = 512 3.751
+  // / 3.531). The kernel runs two CTAs of 16 warps per SM at 64 registers, which needs the
+  // bounded scores: with a running maximum it takes 127 registers, one CTA per SM.
+  const bool all_bounded =
+      std::find(scores_bounded.begin(), scores_bounded.end(), false) == scores_bounded.end();
   tile_queries = options.attn_tile_queries;
   if (tile_queries == 0) {
     tile_queries = attn128 * h < 2 * num_sms ? 64 : 128;
-    if (precision == Precision::kBf16 && options.persistent_attention &&
-        attn16 * h <= 2 * num_sms) {
+    const bool persistent_bf16 = precision == Precision::kBf16 && options.persistent_attention;
+    if (persistent_bf16 && attn16 * h <= 2 * num_sms) {
       tile_queries = 16;
+    } else if (persistent_bf16 && tile_queries == 128 && all_bounded &&
+               attn256 * h >= 2 * num_sms) {
+      tile_queries = 256;
     }
   }
 
@@ -781,10 +793,15 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
   if (options.attn_tile_queries == 16 && options.precision != CudaPrecision::kBf16) {
     return absl::InvalidArgumentError("attn_tile_queries 16 (keys split over warps) is bf16 only");
   }
+  if (options.attn_tile_queries == 256 &&
+      (options.precision != CudaPrecision::kBf16 || !options.persistent_attention)) {
+    return absl::InvalidArgumentError("attn_tile_queries 256 is the persistent bf16 kernel's only");
+  }
   if (options.attn_tile_queries != 0 && options.attn_tile_queries != 16 &&
-      options.attn_tile_queries != 64 && options.attn_tile_queries != 128) {
+      options.attn_tile_queries != 64 && options.attn_tile_queries != 128 &&
+      options.attn_tile_queries != 256) {
     return absl::InvalidArgumentError(
-        absl::StrCat("attn_tile_queries must be 0, 16, 64 or 128; was ",
+        absl::StrCat("attn_tile_queries must be 0, 16, 64, 128 or 256; was ",
                      options.attn_tile_queries));
   }
   if (c.head_dim() != cuda::kHeadDim || (c.dim != 128 && c.dim != 64) ||

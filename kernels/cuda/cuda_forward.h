@@ -30,8 +30,8 @@ struct CudaForwardOptions {
   // sample); a batch over it is rejected.
   int64_t max_mask_bytes = int64_t{64} << 20;
   // Tile sizes: 0 picks by batch size; otherwise 16 or 64 tokens per row-kernel CTA and 64 or
-  // 128 queries per attention CTA, or (bf16) 16 with the keys split over the CTA's warps (for
-  // measurements).
+  // 128 queries per attention CTA, or (bf16) 16 with the keys split over the CTA's warps, or
+  // (bf16, persistent attention) 256 (for measurements).
   int row_tile_rows = 0;
   int attn_tile_queries = 0;
   // bf16 with D = 128 on compute capability 9.0: 64-token row tiles on the warpgroup-MMA row
