@@ -178,8 +178,8 @@ int RowTiles16(const RandomBatch& b) {
 
 // Row tiles: 16 tokens on one CTA or on a cluster (CudaForwardOptions::row_cluster_split), or 64;
 // attention tiles of 64, 128 or 256 queries (256: bf16 only), or 16 with the keys split over
-// warps (bf16; fp32 takes 64 there). `fused` (bf16): the one-launch forward where the batch fits it, the kernels of
-// rows16x4_q16 otherwise.
+// warps (bf16; fp32 takes 64 there). `fused` (bf16): the one-launch forward where the batch fits
+// it, the kernels of rows16x4_q16 otherwise.
 struct RowTiling {
   int rows;
   int cluster_split;
