@@ -496,24 +496,20 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
         "CUDA forward holds ", max_mask_words * 4, " (max_mask_bytes)"));
   }
   // Fewer 64-token tiles than multiprocessors leaves most of the chip idle: small batches take
-  // 16-token tiles (D = 128 only; at B = 64 they cost 1.30 ms against 0.87 with 64). The wgmma
-  // row kernel (bf16) took over at three quarters of that when it was first written (H200:
-  // B = 16 (64 tiles) 0.37 ms with 16-token tiles against 0.47, B = 32 (128 tiles) 0.55 against
-  // 0.74); with today's kernels it takes over earlier (below).
+  // 16-token tiles (D = 128 only; at B = 64 they cost 1.30 ms against 0.87 with 64). With the
+  // wgmma row kernel (bf16) they pay only where they run on clusters (the split below is 2 or 4
+  // up to one 16-token tile per SM): on single CTAs they took more than one wave from B = 17
+  // (H100, bf16 graph ms, 16- against 64-token tiles: B = 8 0.254 / 0.274 (split 2), B = 12
+  // 0.308 / 0.299, B = 16 0.322 / 0.317, B = 20 0.493 / 0.333, B = 24 0.505 / 0.341).
   // Attention takes 64-query tiles at small batches, 128 otherwise: at B = 256 on an H100, bf16
   // took 3.52 ms with 128-query tiles against 3.67 with 64, and fp32 (three CTAs per SM) 8.98
   // against 9.42. Batches of a sample or two (bf16) take 16-query tiles with the keys split over
   // the CTA's warps: B = 1 0.179 ms against 0.211, B = 2 0.222 against 0.231; B = 4 0.305 against
   // 0.298.
-  // With the wgmma kernel, 16-token tiles pay only where they run on clusters (the split below
-  // is 2 or 4 up to one tile per SM): on single CTAs they took more than one wave from B = 17
-  // (H100, bf16 graph ms, 16- against 64-token tiles: B = 8 0.254 / 0.274 (split 2), B = 12
-  // 0.308 / 0.299, B = 16 0.322 / 0.317, B = 20 0.493 / 0.333, B = 24 0.505 / 0.341).
   tile_rows = options.row_tile_rows;
   if (tile_rows == 0) {
-    const int small = d_wgmma_images != nullptr ? num_sms * 3 / 4 : num_sms;
-    tile_rows = (d == 128 && tiles64 < small) ? 16 : 64;
-    if (d_wgmma_images != nullptr && tiles16 > num_sms) tile_rows = 64;
+    const bool small = d_wgmma_images != nullptr ? tiles16 <= num_sms : tiles64 < num_sms;
+    tile_rows = d == 128 && small ? 16 : 64;
   }
   // 16-token tiles split over clusters of four or two CTAs while the split grid stays small (H100,
   // graph ms at the target shape, 16 tiles per sample, split 1 / 2 / 4): bf16 B = 2 0.283 / 0.202
@@ -540,7 +536,7 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   // / 3.531). The kernel runs two CTAs of 16 warps per SM at 64 registers, which needs the
   // bounded scores: with a running maximum it takes 127 registers, one CTA per SM.
   const bool all_bounded =
-      std::find(scores_bounded.begin(), scores_bounded.end(), false) == scores_bounded.end();
+      std::all_of(scores_bounded.begin(), scores_bounded.end(), [](bool b) { return b; });
   tile_queries = options.attn_tile_queries;
   if (tile_queries == 0) {
     tile_queries = attn128 * h < 2 * num_sms ? 64 : 128;
