@@ -20,8 +20,9 @@ namespace {
 
 // silu(x) = x / (1 + e^-x) with the MUFU's exp2 and reciprocal: relative error ~1e-6, below the
 // ~16 bits that the hi/lo split keeps. Every column CTA computes the SiLU of its samples, and with
-// expf and an IEEE division that was half of the kernel's instructions (Nsight, B = 256: 34 us,
-// a third of the stalls on their fixed-latency chains). Very negative finite x gives -0.
+// expf and an IEEE division that was, by an estimate from the source, about half of the kernel's
+// instructions (Nsight at B = 256: 34 us, a third of the stalls on fixed-latency chains). Very
+// negative finite x gives -0.
 __device__ __forceinline__ float SiluFast(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
 
 constexpr int kMmaSamples = 64;   // samples per CTA: 4 m16 tiles
