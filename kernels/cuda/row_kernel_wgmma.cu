@@ -165,17 +165,22 @@ __device__ __forceinline__ void LayerNormToA(const float (&v)[64], const float* 
   }
 }
 
-// v += bias; r = rsqrt(mean(v^2) + eps) per row (RMSNorm without its weight).
-__device__ __forceinline__ void BiasRms(float (&v)[64], const float* bias, int t, float& r0,
-                                        float& r1) {
+// d = the per-column vector `bias` in every row: a GEMM's bias as its accumulator's start, so
+// the tensor cores add it (instead of an FADD per element after the wait).
+template <int kN>
+__device__ __forceinline__ void SetColumns(float (&d)[kN], const float* bias, int t) {
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
+  for (int j = 0; j < kN / 4; ++j) {
     const float2 b = Cols(bias, j, t);
-    v[4 * j] += b.x;
-    v[4 * j + 1] += b.y;
-    v[4 * j + 2] += b.x;
-    v[4 * j + 3] += b.y;
+    d[4 * j] = b.x;
+    d[4 * j + 1] = b.y;
+    d[4 * j + 2] = b.x;
+    d[4 * j + 3] = b.y;
   }
+}
+
+// r = rsqrt(mean(v^2) + eps) per row (RMSNorm without its weight).
+__device__ __forceinline__ void Rms(const float (&v)[64], float& r0, float& r1) {
   float s0, s1;
   RowSums(
       v, [](float x) { return x * x; }, s0, s1);
@@ -183,11 +188,10 @@ __device__ __forceinline__ void BiasRms(float (&v)[64], const float* bias, int t
   r1 = rsqrtf(s1 * (1.0f / kD) + kRmsNormEps);
 }
 
-// v = RMSNorm(v + bias, w).
-__device__ __forceinline__ void BiasRmsNorm(float (&v)[64], const float* bias, const float* w,
-                                            int t) {
+// v = RMSNorm(v, w).
+__device__ __forceinline__ void RmsNorm(float (&v)[64], const float* w, int t) {
   float r0, r1;
-  BiasRms(v, bias, t, r0, r1);
+  Rms(v, r0, r1);
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     const float2 ww = Cols(w, j, t);
@@ -198,19 +202,24 @@ __device__ __forceinline__ void BiasRmsNorm(float (&v)[64], const float* bias, c
   }
 }
 
-// d (+)= A x B for a 64-row tile: kSteps k16 steps, B images of kStepBytes per step.
+// d += A x B for a 64-row tile: kSteps k16 steps, B images of kStepBytes per step. (Every
+// GEMM here starts from its bias in d: SetColumns.)
 template <int kN, int kSteps>
 __device__ __forceinline__ void IssueGemm(float (&d)[kN / 2], const uint32_t (&a)[kSteps][4],
-                                          const uint8_t* b, bool accumulate) {
+                                          const uint8_t* b) {
   constexpr int kStepBytes = kN == 128 ? kStepBytesN128 : kStepBytesN64;
+  // K-major without swizzle: core matrices 128 bytes apart along K, 8-row groups 256 apart.
+  // The steps' descriptors differ only in the start address (bits 0-13, 16-byte units), which
+  // cannot carry into the next field (shared memory ends below 2^18 bytes): one add per step
+  // instead of building each descriptor (five dependent uniform instructions before every wgmma).
+  const uint64_t desc0 = SmemDesc(b, 128, 256);
 #pragma unroll
   for (int ks = 0; ks < kSteps; ++ks) {
-    // K-major without swizzle: core matrices 128 bytes apart along K, 8-row groups 256 apart.
-    const uint64_t desc = SmemDesc(b + ks * kStepBytes, 128, 256);
+    const uint64_t desc = desc0 + static_cast<uint64_t>(ks * (kStepBytes >> 4));
     if constexpr (kN == 128) {
-      WgmmaM64N128K16(d, a[ks], desc, (accumulate || ks > 0) ? 1 : 0);
+      WgmmaM64N128K16(d, a[ks], desc, 1);
     } else {
-      WgmmaM64N64K16(d, a[ks], desc, (accumulate || ks > 0) ? 1 : 0);
+      WgmmaM64N64K16(d, a[ks], desc, 1);
     }
   }
 }
@@ -385,11 +394,12 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       // reads back only what it copied.)
     }
 
-    // acc = a x the next chunk (N = 128, K = 128), waited for; the chunk is released.
-    auto gemm_n128 = [&] {
+    // acc = bias + a x the next chunk (N = 128, K = 128), waited for; the chunk is released.
+    auto gemm_n128 = [&](const float* bias) {
+      SetColumns(acc, bias, t);
       const uint8_t* b = acquire(chunk);
       WgmmaFence();
-      IssueGemm<128, 8>(acc, a, b, false);
+      IssueGemm<128, 8>(acc, a, b);
       WgmmaCommit();
       WgmmaWaitAll();
       FenceRegs(acc);
@@ -397,12 +407,12 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       release(chunk++);
     };
     if (has_post) {
-      gemm_n128();
+      gemm_n128(sv + kOutB);
       warpgroup_sync();  // mod is written
       // Output projection + RMSNorm, gated residual (kept in shared memory for the MLP's); the
       // RMSNorm weight is folded into the gate.
       float rn0, rn1;
-      BiasRms(acc, sv + kOutB, t, rn0, rn1);
+      Rms(acc, rn0, rn1);
       asm volatile("cp.async.wait_all;\n" ::: "memory");
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
@@ -414,32 +424,30 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       }
       AddResidual(acc, resid, [&](int m, int row, float4 y) { resid[(2 * m + row) * 128] = y; });
       LayerNormToA(acc, mod + kScaleMlp, mod + kShiftMlp, t, a);
+      SetColumns(acc, sv + kDownB, t);  // the down GEMMs accumulate onto the bias
 
       // MLP, kWgmmaHidden hidden units per chunk: up (N = 64) -> SiLU -> A operand -> down
       // (K = 64) accumulated into acc. (Queueing down(c) with up(c + 1) keeps both operands live:
       // 20 bytes of spills, and 129 against 122 us per launch at B = 256.)
       for (int c = 0; c < num_mlp; ++c) {
-        const uint8_t* b = acquire(chunk);
         float hid[32];
+        SetColumns(hid, sv + kUpB + c * kWgmmaHidden, t);  // hidden units in natural order
+        const uint8_t* b = acquire(chunk);
         WgmmaFence();
-        IssueGemm<64, 8>(hid, a, b, false);
+        IssueGemm<64, 8>(hid, a, b);
         WgmmaCommit();
         WgmmaWaitAll();
         FenceRegs(hid);
         FenceRegs(a);
         uint32_t a2[4][4];
-        const float* up_b = sv + kUpB + c * kWgmmaHidden;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          // Hidden units keep their natural order: column 8j + 2t of the up GEMM.
-          const float2 bb = *reinterpret_cast<const float2*>(up_b + 8 * j + 2 * t);
-          a2[j / 2][2 * (j & 1)] =
-              PackBf16(SiluOfHalf(hid[4 * j] + bb.x), SiluOfHalf(hid[4 * j + 1] + bb.y));
+          a2[j / 2][2 * (j & 1)] = PackBf16(SiluOfHalf(hid[4 * j]), SiluOfHalf(hid[4 * j + 1]));
           a2[j / 2][2 * (j & 1) + 1] =
-              PackBf16(SiluOfHalf(hid[4 * j + 2] + bb.x), SiluOfHalf(hid[4 * j + 3] + bb.y));
+              PackBf16(SiluOfHalf(hid[4 * j + 2]), SiluOfHalf(hid[4 * j + 3]));
         }
         WgmmaFence();
-        IssueGemm<128, 4>(acc, a2, b + kWgmmaChunkBytes / 2, c > 0);
+        IssueGemm<128, 4>(acc, a2, b + kWgmmaChunkBytes / 2);
         WgmmaCommit();
         WgmmaWaitAll();
         FenceRegs(acc);
@@ -449,12 +457,11 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       // Gated residual of the MLP: the layer's output rows.
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        const float2 bb = Cols(sv + kDownB, j, t);
         const float2 gate = Cols(mod + kGateMlp, j, t);
-        acc[4 * j] = (acc[4 * j] + bb.x) * gate.x;
-        acc[4 * j + 1] = (acc[4 * j + 1] + bb.y) * gate.y;
-        acc[4 * j + 2] = (acc[4 * j + 2] + bb.x) * gate.x;
-        acc[4 * j + 3] = (acc[4 * j + 3] + bb.y) * gate.y;
+        acc[4 * j] *= gate.x;
+        acc[4 * j + 1] *= gate.y;
+        acc[4 * j + 2] *= gate.x;
+        acc[4 * j + 3] *= gate.y;
       }
       AddResidual(acc, resid, [&](int m, int row, float4 y) {
         if (p.x_dst != nullptr && (row == 0 ? ok0 : ok1)) {
@@ -479,9 +486,9 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       // q, k, v: one GEMM each, then bias (+ RMSNorm and RoPE for q and k) and the store.
       auto pass = [&](auto which) {
         constexpr int c = decltype(which)::value;
-        gemm_n128();
+        gemm_n128(sv + kQkvB + c * kD);
         if constexpr (c < 2) {
-          BiasRmsNorm(acc, sv + kQkvB + c * kD, sv + (c == 0 ? kRmsQ : kRmsK), t);
+          RmsNorm(acc, sv + (c == 0 ? kRmsQ : kRmsK), t);
           if (stream == 0) {
             // Features 16 (j / 2) + 4t + 2 (j % 2), + 1 are pair 2t + j % 2 of their head: one
             // 16-byte load per row holds both pairs of this lane.
@@ -504,15 +511,6 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
               rotate(j, e0, e1);
               rotate(j + 1, o0, o1);
             }
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            const float2 bb = Cols(sv + kQkvB + 2 * kD, j, t);
-            acc[4 * j] += bb.x;
-            acc[4 * j + 1] += bb.y;
-            acc[4 * j + 2] += bb.x;
-            acc[4 * j + 3] += bb.y;
           }
         }
         __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(c == 0 ? p.q : c == 1 ? p.k : p.v);
