@@ -483,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       // Positions of this thread's rows for RoPE (x stream), clamped for rows past the tile.
       const int pos0 = tile.pos0 + (ok0 ? r0 : 0);
       const int pos1 = tile.pos0 + (ok1 ? r1 : 0);
-      // q, k, v: one GEMM each, then bias (+ RMSNorm and RoPE for q and k) and the store.
+      // q, k, v: one GEMM each (from its bias), then RMSNorm and RoPE for q and k, and the store.
       auto pass = [&](auto which) {
         constexpr int c = decltype(which)::value;
         gemm_n128(sv + kQkvB + c * kD);
