@@ -499,8 +499,8 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   // 16-token tiles (D = 128 only; at B = 64 they cost 1.30 ms against 0.87 with 64). With the
   // wgmma row kernel (bf16) they pay only where they run on clusters (the split below is 2 or 4
   // up to one 16-token tile per SM): on single CTAs they took more than one wave from B = 17
-  // (H100, bf16 graph ms, 16- against 64-token tiles: B = 8 0.254 / 0.274 (split 2), B = 12
-  // 0.308 / 0.299, B = 16 0.322 / 0.317, B = 20 0.493 / 0.333, B = 24 0.505 / 0.341).
+  // (H100, bf16 graph ms, 64- against 16-token tiles: B = 12 0.296 / 0.306, B = 16 0.315 /
+  // 0.318, B = 20 0.327 / 0.488, B = 24 0.337 / 0.500; docs/BENCHMARKS.md, 230a6b6).
   // Attention takes 64-query tiles at small batches, 128 otherwise: at B = 256 on an H100, bf16
   // took 3.52 ms with 128-query tiles against 3.67 with 64, and fp32 (three CTAs per SM) 8.98
   // against 9.42. Batches of a sample or two (bf16) take 16-query tiles with the keys split over

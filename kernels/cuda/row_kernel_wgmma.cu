@@ -188,18 +188,24 @@ __device__ __forceinline__ void Rms(const float (&v)[64], float& r0, float& r1) 
   r1 = rsqrtf(s1 * (1.0f / kD) + kRmsNormEps);
 }
 
+// v *= the per-column vector `w`, and row r0's elements by s0, row r1's by s1.
+__device__ __forceinline__ void ScaleColumns(float (&v)[64], const float* w, int t,
+                                             float s0 = 1.0f, float s1 = 1.0f) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const float2 ww = Cols(w, j, t);
+    v[4 * j] *= s0 * ww.x;
+    v[4 * j + 1] *= s0 * ww.y;
+    v[4 * j + 2] *= s1 * ww.x;
+    v[4 * j + 3] *= s1 * ww.y;
+  }
+}
+
 // v = RMSNorm(v, w).
 __device__ __forceinline__ void RmsNorm(float (&v)[64], const float* w, int t) {
   float r0, r1;
   Rms(v, r0, r1);
-#pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const float2 ww = Cols(w, j, t);
-    v[4 * j] *= r0 * ww.x;
-    v[4 * j + 1] *= r0 * ww.y;
-    v[4 * j + 2] *= r1 * ww.x;
-    v[4 * j + 3] *= r1 * ww.y;
-  }
+  ScaleColumns(v, w, t, r0, r1);
 }
 
 // d += A x B for a 64-row tile: kSteps k16 steps, B images of kStepBytes per step. (Every
@@ -414,14 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       float rn0, rn1;
       Rms(acc, rn0, rn1);
       asm volatile("cp.async.wait_all;\n" ::: "memory");
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const float2 gate = Cols(mod + kGateAttn, j, t);
-        acc[4 * j] *= rn0 * gate.x;
-        acc[4 * j + 1] *= rn0 * gate.y;
-        acc[4 * j + 2] *= rn1 * gate.x;
-        acc[4 * j + 3] *= rn1 * gate.y;
-      }
+      ScaleColumns(acc, mod + kGateAttn, t, rn0, rn1);
       AddResidual(acc, resid, [&](int m, int row, float4 y) { resid[(2 * m + row) * 128] = y; });
       LayerNormToA(acc, mod + kScaleMlp, mod + kShiftMlp, t, a);
       SetColumns(acc, sv + kDownB, t);  // the down GEMMs accumulate onto the bias
@@ -455,14 +454,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
         release(chunk++);
       }
       // Gated residual of the MLP: the layer's output rows.
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const float2 gate = Cols(mod + kGateMlp, j, t);
-        acc[4 * j] *= gate.x;
-        acc[4 * j + 1] *= gate.y;
-        acc[4 * j + 2] *= gate.x;
-        acc[4 * j + 3] *= gate.y;
-      }
+      ScaleColumns(acc, mod + kGateMlp, t);
       AddResidual(acc, resid, [&](int m, int row, float4 y) {
         if (p.x_dst != nullptr && (row == 0 ? ok0 : ok1)) {
           *reinterpret_cast<float4*>(p.x_dst + (row == 0 ? off0 : off1) + 16 * m + 4 * t) = y;
