@@ -1,7 +1,7 @@
 // Joint attention, bf16, as a persistent kernel: the grid is as many CTAs as fit on the device
 // at once, and each CTA walks a contiguous range of work items (a tile of queries of one sample,
-// one head) while the next item's keys and values stream into the other half of a double buffer
-// (cp.async). The one-item-per-CTA kernel (attention_kernel.cu) spent most of its time in each
+// one head) while the next item's keys and values stream into the next of two or three stage
+// buffers (cp.async). The one-item-per-CTA kernel (attention_kernel.cu) spent most of its time in each
 // CTA's serial start: the tile and sample lookups, the Q loads and the K/V staging before the
 // first MMA (96 us per layer at B = 256 against ~20 us of issued instructions, docs/BENCHMARKS.md).
 //
@@ -27,10 +27,20 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kStageKeys = 256;
 
+// kBufs stages of keys and values: two, or three where a CTA has the shared memory for them
+// (then a step's buffer is refilled two steps later, when the barrier at the start of the step
+// between has seen every warp done with it, and the barrier at each step's end goes).
+template <int kBufs>
 struct StageBuffers {
-  bf16 k[2][kStageKeys * kBf16RowStride];
-  bf16 v[2][kStageKeys * kBf16RowStride];
+  bf16 k[kBufs][kStageKeys * kBf16RowStride];
+  bf16 v[kBufs][kStageKeys * kBf16RowStride];
 };
+// Three for 256-query tiles (two CTAs per SM, 2 x 72 KB): attention 65.4 -> 63.8 us at B = 256
+// on an H100 (docs/BENCHMARKS.md, eighth round). Four 128-query CTAs per SM have no room.
+template <int kWarps>
+__host__ __device__ constexpr int StageBufferCount() {
+  return kWarps == 16 ? 3 : 2;
+}
 
 // One work item: a query tile and a head.
 struct Item : AttnTile {
@@ -86,7 +96,9 @@ template <int kWarps, int kMinBlocks, bool kBounded>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     AttentionBf16Kernel(const AttentionParams p) {
   constexpr int kThreads = kWarps * 32;
-  __shared__ __align__(128) StageBuffers sb;
+  constexpr int kBufs = StageBufferCount<kWarps>();
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  StageBuffers<kBufs>& sb = *reinterpret_cast<StageBuffers<kBufs>*>(smem_raw);
   LaunchDependents();
   const int num_items = p.num_tiles * (p.dim / kHeadDim);
   const int begin = (int)((int64_t)blockIdx.x * num_items / gridDim.x);
@@ -129,7 +141,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       } else {
         next.head = next_index & ((1 << log2_heads) - 1);
       }
-      StageKeys<kThreads>(p, next, next_st, sb.k[buf ^ 1], sb.v[buf ^ 1]);
+      const int next_buf = buf + 1 == kBufs ? 0 : buf + 1;
+      StageKeys<kThreads>(p, next, next_st, sb.k[next_buf], sb.v[next_buf]);
     }
     CpAsyncCommit();
     CpAsyncWaitPrior();
@@ -204,28 +217,36 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       for (int e = 0; e < 4; ++e) o[0][e] = o[1][e] = osum[e] = 0.0f;
     }
     if (!has_next) break;
-    __syncthreads();  // every warp is done with `buf` before it is refilled
+    if constexpr (kBufs == 2) {
+      __syncthreads();  // every warp is done with `buf` before it is refilled
+    } else {
+      __syncwarp();  // (keeps ptxas from spilling: without it, 184 -> 360 bytes)
+    }
     index = next_index;
     st = next_st;
     it = next;
-    buf ^= 1;
+    buf = buf + 1 == kBufs ? 0 : buf + 1;
   }
 }
 
 template <int kWarps, int kMinBlocks, bool kBounded>
 absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream) {
+  constexpr size_t kSmem = sizeof(StageBuffers<StageBufferCount<kWarps>()>);
   static std::atomic<int> ctas_per_sm{0};
   int per_sm = ctas_per_sm.load(std::memory_order_relaxed);
   if (per_sm == 0) {
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(kSmem)));
     CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>, kWarps * 32, 0));
+        &per_sm, AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>, kWarps * 32, kSmem));
     per_sm = max(per_sm, 1);
     ctas_per_sm.store(per_sm, std::memory_order_relaxed);
   }
   const int items = params.num_tiles * (params.dim / kHeadDim);
   const int grid = min(items, per_sm * params.num_sms);
   CUDA_RETURN_IF_ERROR(LaunchPdl(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>, dim3(grid),
-                                 dim3(kWarps * 32), 0, stream, params));
+                                 dim3(kWarps * 32), kSmem, stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
