@@ -232,12 +232,16 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 template <int kWarps, int kMinBlocks, bool kBounded>
 absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream) {
   constexpr size_t kSmem = sizeof(StageBuffers<StageBufferCount<kWarps>()>);
+  static std::atomic<uint64_t> smem_allowed{0};
+  if (absl::Status s = AllowDynamicSmem(
+          reinterpret_cast<const void*>(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>), kSmem,
+          smem_allowed);
+      !s.ok()) {
+    return s;
+  }
   static std::atomic<int> ctas_per_sm{0};
   int per_sm = ctas_per_sm.load(std::memory_order_relaxed);
   if (per_sm == 0) {
-    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(kSmem)));
     CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &per_sm, AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>, kWarps * 32, kSmem));
     per_sm = max(per_sm, 1);
