@@ -1,8 +1,8 @@
 // Joint attention, bf16, as a persistent kernel: the grid is as many CTAs as fit on the device
 // at once, and each CTA walks a contiguous range of work items (a tile of queries of one sample,
 // one head) while the next item's keys and values stream into the next of two or three stage
-// buffers (cp.async). The one-item-per-CTA kernel (attention_kernel.cu) spent most of its time in each
-// CTA's serial start: the tile and sample lookups, the Q loads and the K/V staging before the
+// buffers (cp.async). The one-item-per-CTA kernel (attention_kernel.cu) spent most of its time in
+// each CTA's serial start: the tile and sample lookups, the Q loads and the K/V staging before the
 // first MMA (96 us per layer at B = 256 against ~20 us of issued instructions, docs/BENCHMARKS.md).
 //
 // Per item: each warp owns 16 queries and streams every key of the sample (x keys, then context
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     if constexpr (kBufs == 2) {
       __syncthreads();  // every warp is done with `buf` before it is refilled
     } else {
-      __syncwarp();  // (keeps ptxas from spilling: without it, 184 -> 360 bytes)
+      __syncwarp();  // no ordering needed; without it ptxas spills 360 bytes instead of 168
     }
     index = next_index;
     st = next_st;
