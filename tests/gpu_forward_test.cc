@@ -469,6 +469,36 @@ TEST(GpuForwardTest, GraphReplayMatchesRun) {
   EXPECT_EQ(want, b.x_out);
 }
 
+// q, k and v head by head (the wgmma row kernel with the persistent attention) are a layout
+// only: the same products in the same order as token by token, so the outputs are identical.
+TEST(GpuForwardTest, HeadMajorQkvMatchesTokenMajor) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = 2;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 9);
+  for (int queries : {64, 128, 256}) {
+    std::vector<std::vector<float>> outputs[2];
+    for (bool head_major : {false, true}) {
+      CudaForwardOptions options;
+      options.max_batch_size = 4;
+      options.max_seq_len = 300;
+      options.max_context_len = 40;
+      options.row_tile_rows = 64;
+      options.attn_tile_queries = queries;
+      options.head_major_qkv = head_major;
+      auto fwd = CudaForward::Create(weights, options);
+      ASSERT_TRUE(fwd.ok()) << fwd.status();
+      RandomBatch b =
+          testing::MakeRandomBatch(config, {{300, 40}, {1, 1}, {37, 5}, {130, 17}}, true, 13);
+      ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+      EXPECT_LE(CompareWithReference(weights, b, {0, 1, 2, 3}), Tolerance(CudaPrecision::kBf16))
+          << queries << "-query tiles, head-major " << head_major;
+      outputs[head_major] = b.x_out;
+    }
+    EXPECT_EQ(outputs[0], outputs[1]) << queries << "-query tiles";
+  }
+}
+
 TEST(GpuForwardTest, RejectsBatchesOverCapacity) {
   SKIP_WITHOUT_GPU();
   MmditConfig config = TargetConfig();

@@ -66,14 +66,15 @@ __device__ __forceinline__ void StageKeys(const AttentionParams& p, const Item& 
                                           bf16* ks, bf16* vs) {
   // 32-bit element offsets: Create bounds a batch's activations to 2^30 elements.
   const int key0 = st * kStageKeys;
-  const int base = it.tok_off * p.dim + it.head * kHeadDim;
+  const int row = p.qkv_head_major ? kHeadDim : p.dim;
+  const int base = it.tok_off * p.dim + it.head * kHeadDim * (p.qkv_head_major ? it.num_keys : 1);
   const bf16* k = static_cast<const bf16*>(p.k);
   const bf16* v = static_cast<const bf16*>(p.v);
 #pragma unroll
   for (int i = threadIdx.x; i < 2 * kStageKeys; i += kThreads) {
     const int j = i >> 1, h = (i & 1) * 8;
     const bool valid = key0 + j < it.num_keys;
-    const int src = base + (valid ? key0 + j : 0) * p.dim + h;
+    const int src = base + (valid ? key0 + j : 0) * row + h;
     CpAsync16OrZero(ks + j * kBf16RowStride + h, k + src, valid);
     CpAsync16OrZero(vs + j * kBf16RowStride + h, v + src, valid);
   }
@@ -85,11 +86,13 @@ __device__ __forceinline__ void LoadQuery(const AttentionParams& p, const Item& 
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = min(it.q0 + warp * 16 + g, it.num_keys - 1);
   const int r1 = min(it.q0 + warp * 16 + g + 8, it.num_keys - 1);
-  const bf16* q = static_cast<const bf16*>(p.q) + it.tok_off * p.dim + it.head * kHeadDim + 2 * t;
-  qa[0] = *reinterpret_cast<const uint32_t*>(q + r0 * p.dim);
-  qa[1] = *reinterpret_cast<const uint32_t*>(q + r1 * p.dim);
-  qa[2] = *reinterpret_cast<const uint32_t*>(q + r0 * p.dim + 8);
-  qa[3] = *reinterpret_cast<const uint32_t*>(q + r1 * p.dim + 8);
+  const int row = p.qkv_head_major ? kHeadDim : p.dim;
+  const bf16* q = static_cast<const bf16*>(p.q) + it.tok_off * p.dim +
+                  it.head * kHeadDim * (p.qkv_head_major ? it.num_keys : 1) + 2 * t;
+  qa[0] = *reinterpret_cast<const uint32_t*>(q + r0 * row);
+  qa[1] = *reinterpret_cast<const uint32_t*>(q + r1 * row);
+  qa[2] = *reinterpret_cast<const uint32_t*>(q + r0 * row + 8);
+  qa[3] = *reinterpret_cast<const uint32_t*>(q + r1 * row + 8);
 }
 
 template <int kWarps, int kMinBlocks, bool kBounded>

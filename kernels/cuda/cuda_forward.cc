@@ -686,6 +686,11 @@ absl::Status CudaForwardImpl::RunStaged() {
   tp.num_sms = num_sms;
   tp.keys_fit_l2 = static_cast<int64_t>(num_tokens) * d * 2 * 2 <= int64_t{l2_bytes} * 3 / 4;
   const bool persistent = precision == Precision::kBf16 && options.persistent_attention;
+  // (The wgmma row kernel writes them, the persistent kernel reads them; the first runs wherever
+  // there are wgmma images and 64-token tiles.)
+  rp.qkv_head_major = options.head_major_qkv && persistent && tile_queries != 16 &&
+                      d_wgmma_images != nullptr && tile_rows == 64 && !fused;
+  tp.qkv_head_major = rp.qkv_head_major;
 
   if (fused) {
     cuda::FusedForwardParams fp{};

@@ -154,6 +154,9 @@ struct RowParams {
   // The mma.sync kernel with 16-token tiles: CTAs per tile (1, or a cluster of 2 or
   // kClusterSplit).
   int cluster_split;
+  // q, k and v of a sample as [head][token][Dh] instead of [token][D] (the wgmma kernel only;
+  // CudaForwardOptions::head_major_qkv).
+  bool qkv_head_major;
 };
 
 // Joint attention of one head over a tile of queries of one sample against all its keys.
@@ -178,6 +181,7 @@ struct AttentionParams {
   // bounded persistent kernel then runs four CTAs per SM instead of three. (More CTAs at once
   // read more samples' keys at once: at B = 512 on an H100, four were 20 % slower.)
   bool keys_fit_l2;
+  bool qkv_head_major;  // as RowParams::qkv_head_major (the persistent bf16 kernel only)
 };
 constexpr double kBoundedScoreMax = 64.0;
 

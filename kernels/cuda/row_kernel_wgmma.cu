@@ -230,6 +230,9 @@ __device__ __forceinline__ void IssueGemm(float (&d)[kN / 2], const uint32_t (&a
   }
 }
 
+// kHeadMajorQkv: RowParams::qkv_head_major, as a template parameter so that neither layout
+// carries the other's address arithmetic.
+template <bool kHeadMajorQkv>
 __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   uint8_t* ring = smem + kRingOffset;
@@ -475,6 +478,20 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       // Positions of this thread's rows for RoPE (x stream), clamped for rows past the tile.
       const int pos0 = tile.pos0 + (ok0 ? r0 : 0);
       const int pos1 = tile.pos0 + (ok1 ? r1 : 0);
+      // Where row r0 of head 0 goes (row r1 is 8 rows on; rows past the tile are not stored),
+      // and the distance between heads: token-major ([token][D]), or head-major within the
+      // sample ([head][token][Dh], RowParams::qkv_head_major). 32-bit: Create bounds a batch's
+      // activations to 2^30 elements.
+      constexpr int kRowStride = kHeadMajorQkv ? kHeadDim : kD;
+      int qkv0 = (tok0 + r0) * kD, head_stride = kHeadDim;
+      if constexpr (kHeadMajorQkv) {
+        const int4 si = __ldg(reinterpret_cast<const int4*>(p.samples + tile.sample));
+        static_assert(offsetof(SampleInfo, tok_off) == 0 && offsetof(SampleInfo, seq_len) == 4 &&
+                          offsetof(SampleInfo, ctx_len) == 8,
+                      "SampleInfo's layout, as loaded here");
+        qkv0 = si.x * kD + (tok0 - si.x + r0) * kHeadDim;
+        head_stride = (si.y + si.z) * kHeadDim;
+      }
       // q, k, v: one GEMM each (from its bias), then RMSNorm and RoPE for q and k, and the store.
       auto pass = [&](auto which) {
         constexpr int c = decltype(which)::value;
@@ -508,13 +525,15 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
         __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(c == 0 ? p.q : c == 1 ? p.k : p.v);
 #pragma unroll
         for (int m = 0; m < 8; ++m) {  // features 16m + 4t .. + 3: tiles 2m, 2m + 1
+          __nv_bfloat16* head = dst + qkv0 + m * head_stride + 4 * t;
           if (ok0) {
-            *reinterpret_cast<uint2*>(dst + off0 + 16 * m + 4 * t) = make_uint2(
-                PackBf16(acc[8 * m], acc[8 * m + 1]), PackBf16(acc[8 * m + 4], acc[8 * m + 5]));
+            *reinterpret_cast<uint2*>(head) = make_uint2(PackBf16(acc[8 * m], acc[8 * m + 1]),
+                                                         PackBf16(acc[8 * m + 4], acc[8 * m + 5]));
           }
           if (ok1) {
-            *reinterpret_cast<uint2*>(dst + off1 + 16 * m + 4 * t) = make_uint2(
-                PackBf16(acc[8 * m + 2], acc[8 * m + 3]), PackBf16(acc[8 * m + 6], acc[8 * m + 7]));
+            *reinterpret_cast<uint2*>(head + 8 * kRowStride) =
+                make_uint2(PackBf16(acc[8 * m + 2], acc[8 * m + 3]),
+                           PackBf16(acc[8 * m + 6], acc[8 * m + 7]));
           }
         }
       };
@@ -536,12 +555,15 @@ absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream) {
                      params.dim_ff));
   }
   // Raised once to what the largest F needs; each launch asks for what its F needs.
-  static std::atomic<uint64_t> smem_set{0};
-  const void* func = reinterpret_cast<const void*>(&RowKernelWgmma);
-  if (absl::Status s = AllowDynamicSmem(func, SmemBytes(kWgmmaMaxDimFF), smem_set); !s.ok()) {
+  static std::atomic<uint64_t> smem_set[2];
+  auto* kernel = params.qkv_head_major ? RowKernelWgmma<true> : RowKernelWgmma<false>;
+  if (absl::Status s = AllowDynamicSmem(reinterpret_cast<const void*>(kernel),
+                                        SmemBytes(kWgmmaMaxDimFF),
+                                        smem_set[params.qkv_head_major]);
+      !s.ok()) {
     return s;
   }
-  CUDA_RETURN_IF_ERROR(LaunchPdl(RowKernelWgmma, dim3(min(params.num_groups, params.num_sms)),
+  CUDA_RETURN_IF_ERROR(LaunchPdl(kernel, dim3(min(params.num_groups, params.num_sms)),
                                  dim3(kThreads), SmemBytes(params.dim_ff), stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
