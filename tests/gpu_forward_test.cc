@@ -469,9 +469,10 @@ TEST(GpuForwardTest, GraphReplayMatchesRun) {
   EXPECT_EQ(want, b.x_out);
 }
 
-// q, k and v head by head (the wgmma row kernel with the persistent attention) are a layout
-// only: the same products in the same order as token by token, so the outputs are identical.
-TEST(GpuForwardTest, HeadMajorQkvMatchesTokenMajor) {
+// q, k, v and the attention output head by head (the wgmma row kernel with the persistent
+// attention) are a layout only: the same products in the same order as token by token, so the
+// outputs are identical.
+TEST(GpuForwardTest, HeadMajorAttentionMatchesTokenMajor) {
   SKIP_WITHOUT_GPU();
   MmditConfig config = TargetConfig();
   config.num_layers = 2;
@@ -485,7 +486,7 @@ TEST(GpuForwardTest, HeadMajorQkvMatchesTokenMajor) {
       options.max_context_len = 40;
       options.row_tile_rows = 64;
       options.attn_tile_queries = queries;
-      options.head_major_qkv = head_major;
+      options.head_major_attention = head_major;
       auto fwd = CudaForward::Create(weights, options);
       ASSERT_TRUE(fwd.ok()) << fwd.status();
       RandomBatch b =

@@ -60,21 +60,32 @@ __device__ __forceinline__ void CpAsyncWaitPrior() {
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 }
 
+// Where the item's head starts in q, k, v and the output, and the distance between its rows:
+// token-major ([token][D]) or head-major within the sample ([head][token][Dh],
+// AttentionParams::head_major). 32-bit element offsets: Create bounds a batch's activations to
+// 2^30 elements.
+struct HeadRows {
+  int base;
+  int stride;
+};
+__device__ __forceinline__ HeadRows ItemRows(const AttentionParams& p, const Item& it) {
+  return p.head_major ? HeadRows{it.tok_off * p.dim + it.head * kHeadDim * it.num_keys, kHeadDim}
+                      : HeadRows{it.tok_off * p.dim + it.head * kHeadDim, p.dim};
+}
+
 // Keys [st * kStageKeys, +kStageKeys) of the item's head: K and V rows of 16 values.
 template <int kThreads>
 __device__ __forceinline__ void StageKeys(const AttentionParams& p, const Item& it, int st,
                                           bf16* ks, bf16* vs) {
-  // 32-bit element offsets: Create bounds a batch's activations to 2^30 elements.
   const int key0 = st * kStageKeys;
-  const int row = p.qkv_head_major ? kHeadDim : p.dim;
-  const int base = it.tok_off * p.dim + it.head * kHeadDim * (p.qkv_head_major ? it.num_keys : 1);
+  const HeadRows rows = ItemRows(p, it);
   const bf16* k = static_cast<const bf16*>(p.k);
   const bf16* v = static_cast<const bf16*>(p.v);
 #pragma unroll
   for (int i = threadIdx.x; i < 2 * kStageKeys; i += kThreads) {
     const int j = i >> 1, h = (i & 1) * 8;
     const bool valid = key0 + j < it.num_keys;
-    const int src = base + (valid ? key0 + j : 0) * row + h;
+    const int src = rows.base + (valid ? key0 + j : 0) * rows.stride + h;
     CpAsync16OrZero(ks + j * kBf16RowStride + h, k + src, valid);
     CpAsync16OrZero(vs + j * kBf16RowStride + h, v + src, valid);
   }
@@ -86,13 +97,12 @@ __device__ __forceinline__ void LoadQuery(const AttentionParams& p, const Item& 
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = min(it.q0 + warp * 16 + g, it.num_keys - 1);
   const int r1 = min(it.q0 + warp * 16 + g + 8, it.num_keys - 1);
-  const int row = p.qkv_head_major ? kHeadDim : p.dim;
-  const bf16* q = static_cast<const bf16*>(p.q) + it.tok_off * p.dim +
-                  it.head * kHeadDim * (p.qkv_head_major ? it.num_keys : 1) + 2 * t;
-  qa[0] = *reinterpret_cast<const uint32_t*>(q + r0 * row);
-  qa[1] = *reinterpret_cast<const uint32_t*>(q + r1 * row);
-  qa[2] = *reinterpret_cast<const uint32_t*>(q + r0 * row + 8);
-  qa[3] = *reinterpret_cast<const uint32_t*>(q + r1 * row + 8);
+  const HeadRows rows = ItemRows(p, it);
+  const bf16* q = static_cast<const bf16*>(p.q) + rows.base + 2 * t;
+  qa[0] = *reinterpret_cast<const uint32_t*>(q + r0 * rows.stride);
+  qa[1] = *reinterpret_cast<const uint32_t*>(q + r1 * rows.stride);
+  qa[2] = *reinterpret_cast<const uint32_t*>(q + r0 * rows.stride + 8);
+  qa[3] = *reinterpret_cast<const uint32_t*>(q + r1 * rows.stride + 8);
 }
 
 template <int kWarps, int kMinBlocks, bool kBounded>
@@ -206,11 +216,16 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       if (active) {
         // Approximate reciprocals: the output is rounded to bf16.
         const float inv0 = __fdividef(1.0f, osum[0]), inv1 = __fdividef(1.0f, osum[2]);
-        bf16* out = static_cast<bf16*>(p.out) + it.tok_off * p.dim + it.head * kHeadDim + 2 * t;
+        const HeadRows rows = ItemRows(p, it);
+        bf16* out = static_cast<bf16*>(p.out) + rows.base + 2 * t;
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          if (r0 < it.num_keys) Store2(out + r0 * p.dim + 8 * n, o[n][0] * inv0, o[n][1] * inv0);
-          if (r1 < it.num_keys) Store2(out + r1 * p.dim + 8 * n, o[n][2] * inv1, o[n][3] * inv1);
+          if (r0 < it.num_keys) {
+            Store2(out + r0 * rows.stride + 8 * n, o[n][0] * inv0, o[n][1] * inv0);
+          }
+          if (r1 < it.num_keys) {
+            Store2(out + r1 * rows.stride + 8 * n, o[n][2] * inv1, o[n][3] * inv1);
+          }
         }
       }
       if (has_next) LoadQuery(p, next, warp, qa);

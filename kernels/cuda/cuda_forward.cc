@@ -149,8 +149,13 @@ std::vector<RowGroup> MakeRowGroups(int num_x, const RowTile* tiles, int num_til
       for (int k = 0; k < size; ++k) {
         const RowTile& tile = tiles[t + k];
         const SampleInfo& si = samples[tile.sample];
-        group.tiles[k] = GroupTile{si.tok_off + (stream ? si.seq_len : 0) + tile.row0, tile.rows,
-                                   tile.sample, si.start_pos + tile.row0};
+        group.tiles[k] = GroupTile{si.tok_off + (stream ? si.seq_len : 0) + tile.row0,
+                                   tile.rows,
+                                   tile.sample,
+                                   si.start_pos + tile.row0,
+                                   si.tok_off,
+                                   si.seq_len + si.ctx_len,
+                                   {}};
       }
       groups.push_back(group);
       t += size;
@@ -686,11 +691,11 @@ absl::Status CudaForwardImpl::RunStaged() {
   tp.num_sms = num_sms;
   tp.keys_fit_l2 = static_cast<int64_t>(num_tokens) * d * 2 * 2 <= int64_t{l2_bytes} * 3 / 4;
   const bool persistent = precision == Precision::kBf16 && options.persistent_attention;
-  // (The wgmma row kernel writes them, the persistent kernel reads them; the first runs wherever
-  // there are wgmma images and 64-token tiles.)
-  rp.qkv_head_major = options.head_major_qkv && persistent && tile_queries != 16 &&
-                      d_wgmma_images != nullptr && tile_rows == 64 && !fused;
-  tp.qkv_head_major = rp.qkv_head_major;
+  // q/k/v and the attention output head by head where the wgmma row kernel (wherever there are
+  // wgmma images and 64-token tiles) and the persistent attention exchange them.
+  rp.head_major = options.head_major_attention && persistent && tile_queries != 16 &&
+                  d_wgmma_images != nullptr && tile_rows == 64 && !fused;
+  tp.head_major = rp.head_major;
 
   if (fused) {
     cuda::FusedForwardParams fp{};

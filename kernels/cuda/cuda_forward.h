@@ -53,11 +53,12 @@ struct CudaForwardOptions {
   // scores_bounded), the attention takes their exponentials without a running maximum; false:
   // always the running maximum (for comparisons and tests).
   bool static_softmax_offsets = true;
-  // bf16, where the warpgroup-MMA row kernel and the persistent attention run together: q, k
-  // and v of a sample head by head ([head][token][Dh]), so that an attention item reads its
-  // keys and values as contiguous blocks instead of 32 bytes of every token's row; false: token
-  // by token ([token][D], as every other pairing of kernels keeps them).
-  bool head_major_qkv = true;
+  // bf16, where the warpgroup-MMA row kernel and the persistent attention run together: q, k,
+  // v and the attention output of a sample head by head ([head][token][Dh]), so that an
+  // attention item reads its keys and values and writes its output as contiguous blocks instead
+  // of 32 bytes of every token's row; false: token by token ([token][D], as every other pairing
+  // of kernels keeps them).
+  bool head_major_attention = true;
 };
 
 class CudaForwardImpl;

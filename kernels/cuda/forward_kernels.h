@@ -71,11 +71,14 @@ struct RowTile {
 // kernel (one tile per warpgroup, up to three). Each tile is given as the kernel uses it, so
 // that a round of the kernel starts with one load instead of a chain of three (group, tile,
 // sample).
-struct alignas(16) GroupTile {  // one 16-byte load
+struct alignas(16) GroupTile {  // two 16-byte loads
   int tok0;    // first token row
   int rows;
   int sample;
   int pos0;    // RoPE position of the first row (x stream)
+  int sample_tok0;    // the sample's first token row (SampleInfo::tok_off)
+  int sample_tokens;  // L + C
+  int pad[2];
 };
 struct RowGroup {
   int count;   // 1 to 3
@@ -154,9 +157,9 @@ struct RowParams {
   // The mma.sync kernel with 16-token tiles: CTAs per tile (1, or a cluster of 2 or
   // kClusterSplit).
   int cluster_split;
-  // q, k and v of a sample as [head][token][Dh] instead of [token][D] (the wgmma kernel only;
-  // CudaForwardOptions::head_major_qkv).
-  bool qkv_head_major;
+  // q, k, v and the attention output of a sample as [head][token][Dh] instead of [token][D]
+  // (the wgmma kernel only; CudaForwardOptions::head_major_attention).
+  bool head_major;
 };
 
 // Joint attention of one head over a tile of queries of one sample against all its keys.
@@ -181,7 +184,7 @@ struct AttentionParams {
   // bounded persistent kernel then runs four CTAs per SM instead of three. (More CTAs at once
   // read more samples' keys at once: at B = 512 on an H100, four were 20 % slower.)
   bool keys_fit_l2;
-  bool qkv_head_major;  // as RowParams::qkv_head_major (the persistent bf16 kernel only)
+  bool head_major;  // as RowParams::head_major (the persistent bf16 kernel only)
 };
 constexpr double kBoundedScoreMax = 64.0;
 

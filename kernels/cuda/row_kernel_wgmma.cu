@@ -230,9 +230,9 @@ __device__ __forceinline__ void IssueGemm(float (&d)[kN / 2], const uint32_t (&a
   }
 }
 
-// kHeadMajorQkv: RowParams::qkv_head_major, as a template parameter so that neither layout
-// carries the other's address arithmetic.
-template <bool kHeadMajorQkv>
+// kHeadMajor: RowParams::head_major, as a template parameter so that neither layout carries
+// the other's address arithmetic.
+template <bool kHeadMajor>
 __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   uint8_t* ring = smem + kRingOffset;
@@ -297,15 +297,19 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
   float4* resid = reinterpret_cast<float4*>(smem + kResidOffset + wg * kResidBytes) + tid;
   // A round's group and this warpgroup's tile; the first before the wait (the list is written
   // before the forward starts).
-  // As 16-byte loads: header (count, stream, ...) and this warpgroup's GroupTile.
+  // As 16-byte loads: header (count, stream, ...) and this warpgroup's GroupTile (its sample's
+  // extent only where q/k/v and the attention output are head-major).
   static_assert(offsetof(RowGroup, count) == 0 && offsetof(RowGroup, stream) == 4 &&
-                    offsetof(RowGroup, tiles) == 16 && sizeof(GroupTile) == 16,
+                    offsetof(RowGroup, tiles) == 16 && sizeof(GroupTile) == 32 &&
+                    offsetof(GroupTile, sample_tok0) == 16 &&
+                    offsetof(GroupTile, sample_tokens) == 20,
                 "RowGroup's layout, as loaded here");
-  int4 header, mine;
+  int4 header, mine, extent = make_int4(0, 0, 0, 0);
   auto load_group = [&](int round) {
     const RowGroup& gr = p.groups[blockIdx.x + round * gridDim.x];
     header = __ldg(reinterpret_cast<const int4*>(&gr));
     mine = __ldg(reinterpret_cast<const int4*>(&gr.tiles[wg]));
+    if constexpr (kHeadMajor) extent = __ldg(reinterpret_cast<const int4*>(&gr.tiles[wg]) + 1);
   };
   if (rounds > 0) load_group(0);
   WaitForPredecessor();
@@ -339,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
   int chunk = 0;
   for (int round = 0; round < rounds; ++round) {
     if (round > 0) load_group(round);
-    const GroupTile tile{mine.x, mine.y, mine.z, mine.w};
+    const GroupTile tile{mine.x, mine.y, mine.z, mine.w, extent.x, extent.y, {}};
     const int count = header.x, stream = header.y;
     if (wg >= count) {
       for (int c = 0; c < per_round; ++c, ++chunk) {
@@ -356,17 +360,27 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     const size_t off1 = (size_t)(tok0 + (ok1 ? r1 : 0)) * kD;
     float acc[64];     // GEMM accumulator; between GEMMs the residual rows
     uint32_t a[8][4];  // A operand, K = 128
+    // Where row r0 of head 0 is in the attention output and q/k/v (row r1 is 8 rows on; rows
+    // past the tile are neither loaded nor stored), and the distance between heads: token-major
+    // ([token][D]), or head-major within the sample ([head][token][Dh], RowParams::
+    // head_major). 32-bit: Create bounds a batch's activations to 2^30 elements.
+    constexpr int kRowStride = kHeadMajor ? kHeadDim : kD;
+    int head0 = (tok0 + r0) * kD, head_stride = kHeadDim;
+    if constexpr (kHeadMajor) {
+      head0 = tile.sample_tok0 * kD + (tok0 - tile.sample_tok0 + r0) * kHeadDim;
+      head_stride = tile.sample_tokens * kHeadDim;
+    }
     // Issued first: the first GEMM waits for these, the rest of the setup does not. Attention
     // output rows straight into A fragments: features 16ks + 4t .. + 3 are a[ks][0], a[ks][2]
     // (row r0) and a[ks][1], a[ks][3] (row r1).
     if (has_post) {
-      const __nv_bfloat16* at = static_cast<const __nv_bfloat16*>(p.attn);
+      const __nv_bfloat16* at = static_cast<const __nv_bfloat16*>(p.attn) + head0 + 4 * t;
 #pragma unroll
-      for (int ks = 0; ks < 8; ++ks) {
-        const uint2 u0 = ok0 ? __ldg(reinterpret_cast<const uint2*>(at + off0 + 16 * ks + 4 * t))
-                             : make_uint2(0u, 0u);
-        const uint2 u1 = ok1 ? __ldg(reinterpret_cast<const uint2*>(at + off1 + 16 * ks + 4 * t))
-                             : make_uint2(0u, 0u);
+      for (int ks = 0; ks < 8; ++ks) {  // ks: head
+        const __nv_bfloat16* h = at + ks * head_stride;
+        const uint2 u0 = ok0 ? __ldg(reinterpret_cast<const uint2*>(h)) : make_uint2(0u, 0u);
+        const uint2 u1 =
+            ok1 ? __ldg(reinterpret_cast<const uint2*>(h + 8 * kRowStride)) : make_uint2(0u, 0u);
         a[ks][0] = u0.x, a[ks][2] = u0.y, a[ks][1] = u1.x, a[ks][3] = u1.y;
       }
     }
@@ -478,20 +492,6 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       // Positions of this thread's rows for RoPE (x stream), clamped for rows past the tile.
       const int pos0 = tile.pos0 + (ok0 ? r0 : 0);
       const int pos1 = tile.pos0 + (ok1 ? r1 : 0);
-      // Where row r0 of head 0 goes (row r1 is 8 rows on; rows past the tile are not stored),
-      // and the distance between heads: token-major ([token][D]), or head-major within the
-      // sample ([head][token][Dh], RowParams::qkv_head_major). 32-bit: Create bounds a batch's
-      // activations to 2^30 elements.
-      constexpr int kRowStride = kHeadMajorQkv ? kHeadDim : kD;
-      int qkv0 = (tok0 + r0) * kD, head_stride = kHeadDim;
-      if constexpr (kHeadMajorQkv) {
-        const int4 si = __ldg(reinterpret_cast<const int4*>(p.samples + tile.sample));
-        static_assert(offsetof(SampleInfo, tok_off) == 0 && offsetof(SampleInfo, seq_len) == 4 &&
-                          offsetof(SampleInfo, ctx_len) == 8,
-                      "SampleInfo's layout, as loaded here");
-        qkv0 = si.x * kD + (tok0 - si.x + r0) * kHeadDim;
-        head_stride = (si.y + si.z) * kHeadDim;
-      }
       // q, k, v: one GEMM each (from its bias), then RMSNorm and RoPE for q and k, and the store.
       auto pass = [&](auto which) {
         constexpr int c = decltype(which)::value;
@@ -525,7 +525,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
         __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(c == 0 ? p.q : c == 1 ? p.k : p.v);
 #pragma unroll
         for (int m = 0; m < 8; ++m) {  // features 16m + 4t .. + 3: tiles 2m, 2m + 1
-          __nv_bfloat16* head = dst + qkv0 + m * head_stride + 4 * t;
+          __nv_bfloat16* head = dst + head0 + m * head_stride + 4 * t;
           if (ok0) {
             *reinterpret_cast<uint2*>(head) = make_uint2(PackBf16(acc[8 * m], acc[8 * m + 1]),
                                                          PackBf16(acc[8 * m + 4], acc[8 * m + 5]));
@@ -556,10 +556,10 @@ absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream) {
   }
   // Raised once to what the largest F needs; each launch asks for what its F needs.
   static std::atomic<uint64_t> smem_set[2];
-  auto* kernel = params.qkv_head_major ? RowKernelWgmma<true> : RowKernelWgmma<false>;
+  auto* kernel = params.head_major ? RowKernelWgmma<true> : RowKernelWgmma<false>;
   if (absl::Status s = AllowDynamicSmem(reinterpret_cast<const void*>(kernel),
                                         SmemBytes(kWgmmaMaxDimFF),
-                                        smem_set[params.qkv_head_major]);
+                                        smem_set[params.head_major]);
       !s.ok()) {
     return s;
   }

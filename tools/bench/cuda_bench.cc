@@ -179,9 +179,10 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (const char* v = std::getenv("MMDIT_BENCH_STATIC_OFFSETS")) {
         fo.static_softmax_offsets = std::atoi(v) != 0;
       }
-      // 0: q, k and v token by token everywhere (CudaForwardOptions::head_major_qkv).
-      if (const char* v = std::getenv("MMDIT_BENCH_HEAD_MAJOR_QKV")) {
-        fo.head_major_qkv = std::atoi(v) != 0;
+      // 0: q, k, v and the attention output token by token everywhere
+      // (CudaForwardOptions::head_major_attention).
+      if (const char* v = std::getenv("MMDIT_BENCH_HEAD_MAJOR")) {
+        fo.head_major_attention = std::atoi(v) != 0;
       }
       absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, fo);
       if (!fwd.ok()) return fwd.status();
