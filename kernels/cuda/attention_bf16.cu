@@ -27,16 +27,32 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kStageKeys = 256;
 
-// kBufs stages of keys and values: two, or three where a CTA has the shared memory for them
-// (then a step's buffer is refilled two steps later, when the barrier at the start of the step
-// between has seen every warp done with it, and the barrier at each step's end goes).
+// kBufs stages of keys and values: two, with two CTA barriers per step (the copies are in; every
+// warp is done with a buffer before its refill), or three where a CTA has the shared memory for
+// them, with no CTA barrier: each buffer has an mbarrier that completes when every thread's
+// copies into it have landed (`full`) and one that completes when every thread has read it
+// (`empty`). A buffer is refilled two steps after it was read, so a warp waits only for the
+// slowest to have finished the step before last, not the last one.
 template <int kBufs>
 struct StageBuffers {
   bf16 k[kBufs][kStageKeys * kBf16RowStride];
   bf16 v[kBufs][kStageKeys * kBf16RowStride];
+  uint64_t full[kBufs];   // three buffers only
+  uint64_t empty[kBufs];
 };
-// Three for 256-query tiles (two CTAs per SM, 2 x 72 KB): attention 65.4 -> 63.8 us at B = 256
-// on an H100 (docs/BENCHMARKS.md, eighth round). Four 128-query CTAs per SM have no room.
+
+// This thread's cp.async copies so far arrive on `bar` once they land (noinc: the arrival is
+// one of the count `bar` was initialised with).
+__device__ __forceinline__ void CpAsyncArriveOn(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(SmemAddr(bar))
+               : "memory");
+}
+__device__ __forceinline__ void MbarrierArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
+}
+// Three for 256-query tiles (two CTAs per SM, 2 x 72 KB). On an H100 at B = 256 (docs/
+// BENCHMARKS.md, eighth round): one CTA barrier per step instead of two, attention 65.4 -> 63.8
+// us; none, with the mbarriers, 57.7 -> 56.2 us. Four 128-query CTAs per SM have no room.
 template <int kWarps>
 __host__ __device__ constexpr int StageBufferCount() {
   return kWarps == 16 ? 3 : 2;
@@ -122,10 +138,24 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 
   const int log2_heads = __ffs(p.dim / kHeadDim) - 1;
   int index = begin, st = 0, buf = 0;
+  int step = 0;  // three buffers: the steps so far; `buf` is step % 3, in its (step / 3)th use
+  if constexpr (kBufs == 3) {
+    if (threadIdx.x == 0) {
+      for (int b = 0; b < kBufs; ++b) {
+        MbarrierInit(&sb.full[b], kThreads);
+        MbarrierInit(&sb.empty[b], kThreads);
+      }
+    }
+    __syncthreads();
+  }
   Item it = DecodeItem(p, index, log2_heads);
   WaitForPredecessor();
   StageKeys<kThreads>(p, it, 0, sb.k[0], sb.v[0]);
-  CpAsyncCommit();
+  if constexpr (kBufs == 3) {
+    CpAsyncArriveOn(&sb.full[0]);
+  } else {
+    CpAsyncCommit();
+  }
   uint32_t qa[4];
   LoadQuery(p, it, warp, qa);
 
@@ -155,11 +185,20 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         next.head = next_index & ((1 << log2_heads) - 1);
       }
       const int next_buf = buf + 1 == kBufs ? 0 : buf + 1;
+      if constexpr (kBufs == 3) {
+        // Its last readers were step + 1 - 3: wait until every thread is done with them.
+        if (step + 1 >= kBufs) MbarrierWait(&sb.empty[next_buf], ((step + 1) / kBufs - 1) & 1);
+      }
       StageKeys<kThreads>(p, next, next_st, sb.k[next_buf], sb.v[next_buf]);
+      if constexpr (kBufs == 3) CpAsyncArriveOn(&sb.full[next_buf]);
     }
-    CpAsyncCommit();
-    CpAsyncWaitPrior();
-    __syncthreads();
+    if constexpr (kBufs == 3) {
+      MbarrierWait(&sb.full[buf], (step / kBufs) & 1);
+    } else {
+      CpAsyncCommit();
+      CpAsyncWaitPrior();
+      __syncthreads();
+    }
 
     const int r0 = it.q0 + warp * 16 + g, r1 = r0 + 8;
     const bool active = it.q0 + warp * 16 < it.num_keys;  // warp-uniform
@@ -238,7 +277,12 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     if constexpr (kBufs == 2) {
       __syncthreads();  // every warp is done with `buf` before it is refilled
     } else {
-      __syncwarp();  // no ordering needed; without it ptxas spills 360 bytes instead of 168
+      // This thread's reads of `buf` are done. (Without the __syncwarp, which orders nothing
+      // here, ptxas spills 376 bytes instead of 168. With one arrival per warp after it,
+      // racecheck reported each refill against the other lanes' reads.)
+      __syncwarp();
+      MbarrierArrive(&sb.empty[buf]);
+      ++step;
     }
     index = next_index;
     st = next_st;
