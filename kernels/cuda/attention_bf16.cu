@@ -52,7 +52,8 @@ __device__ __forceinline__ void MbarrierArrive(uint64_t* bar) {
 }
 // Three for 256-query tiles (two CTAs per SM, 2 x 72 KB). On an H100 at B = 256 (docs/
 // BENCHMARKS.md, eighth round): one CTA barrier per step instead of two, attention 65.4 -> 63.8
-// us; none, with the mbarriers, 57.7 -> 56.2 us. Four 128-query CTAs per SM have no room.
+// us; none, with the mbarriers, the whole forward 1.627 -> 1.587 ms. Four 128-query CTAs per SM
+// have no room.
 template <int kWarps>
 __host__ __device__ constexpr int StageBufferCount() {
   return kWarps == 16 ? 3 : 2;
@@ -137,8 +138,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const uint32_t k_lane = KRowOffset(lane), v_lane = VRowOffset(lane);
 
   const int log2_heads = __ffs(p.dim / kHeadDim) - 1;
-  int index = begin, st = 0, buf = 0;
-  int step = 0;  // three buffers: the steps so far; `buf` is step % 3, in its (step / 3)th use
+  int index = begin, st = 0;
+  int step = 0;  // steps so far: step s reads buffer s % kBufs, in its (s / kBufs)th use
   if constexpr (kBufs == 3) {
     if (threadIdx.x == 0) {
       for (int b = 0; b < kBufs; ++b) {
@@ -165,6 +166,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   float o[2][4] = {};
   float osum[4] = {};  // row sums of P: rows g (0, 1) and g + 8 (2, 3)
   while (true) {
+    const int buf = step % kBufs, next_buf = (step + 1) % kBufs;
     // The next step: the next stage of this item, or the first of the next item.
     int next_index = index, next_st = st + 1;
     if (next_st * kStageKeys >= it.num_keys) {
@@ -184,7 +186,6 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       } else {
         next.head = next_index & ((1 << log2_heads) - 1);
       }
-      const int next_buf = buf + 1 == kBufs ? 0 : buf + 1;
       if constexpr (kBufs == 3) {
         // Its last readers were step + 1 - 3: wait until every thread is done with them.
         if (step + 1 >= kBufs) MbarrierWait(&sb.empty[next_buf], ((step + 1) / kBufs - 1) & 1);
@@ -282,12 +283,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       // racecheck reported each refill against the other lanes' reads.)
       __syncwarp();
       MbarrierArrive(&sb.empty[buf]);
-      ++step;
     }
+    ++step;
     index = next_index;
     st = next_st;
     it = next;
-    buf = buf + 1 == kBufs ? 0 : buf + 1;
   }
 }
 
