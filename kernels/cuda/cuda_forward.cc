@@ -237,6 +237,7 @@ class CudaForwardImpl {
   uint8_t* host_io = nullptr;
   uint8_t* dev_io = nullptr;
   float* d_act = nullptr;
+  void* d_act_bf16 = nullptr;  // CudaForwardOptions::bf16_residual
   float* d_mod = nullptr;
   void* d_q = nullptr;
   void* d_k = nullptr;
@@ -444,6 +445,9 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
       (precision == Precision::kBf16 ? 2 : 4) * static_cast<size_t>(max_tokens) * d;
   if (absl::Status s = Alloc(&p, act_bytes); !s.ok()) return s;
   d_act = static_cast<float*>(p);
+  if (options.bf16_residual != 0 && d_wgmma_images != nullptr) {
+    if (absl::Status s = Alloc(&d_act_bf16, act_bytes / 2); !s.ok()) return s;
+  }
   const size_t mod_bytes = sizeof(float) * static_cast<size_t>(mb) * n * 2 * 6 * d;
   if (absl::Status s = Alloc(&p, mod_bytes); !s.ok()) return s;
   d_mod = static_cast<float*>(p);
@@ -696,6 +700,8 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.head_major = options.head_major_attention && persistent && tile_queries != 16 &&
                   d_wgmma_images != nullptr && tile_rows == 64 && !fused;
   tp.head_major = rp.head_major;
+  const bool bf16_residual = d_act_bf16 != nullptr && tile_rows == 64 &&
+                             (options.bf16_residual == 1 || num_row_groups > num_sms);
 
   if (fused) {
     cuda::FusedForwardParams fp{};
@@ -733,6 +739,10 @@ absl::Status CudaForwardImpl::RunStaged() {
     Launched("attention");
     rp.x_src = l == 0 ? x_in : d_act;
     rp.x_dst = d_act;
+    if (bf16_residual) {  // the input and the last layer's output stay fp32
+      rp.xb_src = l == 0 ? nullptr : d_act_bf16;
+      rp.xb_dst = l + 1 < n ? d_act_bf16 : nullptr;
+    }
     rp.post_layer = l;
     rp.qkv_layer = l + 1 < n ? l + 1 : -1;
     if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;

@@ -59,6 +59,13 @@ struct CudaForwardOptions {
   // of 32 bytes of every token's row; false: token by token ([token][D], as every other pairing
   // of kernels keeps them).
   bool head_major_attention = true;
+  // bf16, between the warpgroup-MMA row kernels: the residual stream stored in bf16 (each
+  // kernel still adds to it in fp32; the input and the last layer's output stay fp32), which
+  // halves its DRAM traffic. -1: where the row kernel has more than one group of tiles per SM,
+  // from B = 128 at the target shape (2-3 % faster there on an H100; at B = 64, where the
+  // residual stays in the L2, 2.6 % slower in one call and the same in another); 1: wherever
+  // the wgmma row kernel runs; 0: never (fp32, as every other row kernel keeps it).
+  int bf16_residual = -1;
 };
 
 class CudaForwardImpl;

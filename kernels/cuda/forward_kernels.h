@@ -138,6 +138,10 @@ struct RowParams {
   const float* mod;                 // see AdaLnParams
   const float* x_src;               // residual in  [tokens][D] float32
   float* x_dst;                     // residual out (may equal x_src); null: not written
+  // The wgmma kernel only: where set, the residual in (instead of x_src) or out (instead of
+  // x_dst) as [tokens][D] bf16 (CudaForwardOptions::bf16_residual).
+  const void* xb_src;
+  void* xb_dst;
   const void* attn;                 // attention output [tokens][D], T-typed
   void* q;                          // [tokens][D], T-typed
   void* k;

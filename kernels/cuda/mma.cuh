@@ -38,6 +38,11 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// The two bf16 of PackBf16's word, widened (exact).
+__device__ __forceinline__ float2 UnpackBf16(uint32_t u) {
+  return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+
 __device__ __forceinline__ void MmaBf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                         uint32_t b1) {
   asm volatile(
@@ -205,6 +210,13 @@ __device__ __forceinline__ void CpAsync16OrZero(void* smem, const void* gmem, bo
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
                "r"(valid ? 16 : 0)
+               : "memory");
+}
+// 8 bytes global -> shared, or 8 zero bytes when !valid.
+__device__ __forceinline__ void CpAsync8OrZero(void* smem, const void* gmem, bool valid) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(addr), "l"(gmem),
+               "r"(valid ? 8 : 0)
                : "memory");
 }
 __device__ __forceinline__ void CpAsyncCommit() {

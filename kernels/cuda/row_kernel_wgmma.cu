@@ -125,6 +125,19 @@ __device__ __forceinline__ void AddResidual(float (&v)[64], const float4* resid,
   }
 }
 
+// Waits for this thread's residual copies; a bf16 residual (four values in the first 8 bytes of
+// each slot) is widened in place, slot by slot, so that everything after reads fp32.
+__device__ __forceinline__ void ResidualArrived(float4* resid, bool bf16) {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  if (!bf16) return;
+#pragma unroll
+  for (int slot = 0; slot < 16; ++slot) {
+    const uint2 u = *reinterpret_cast<const uint2*>(resid + slot * 128);
+    const float2 lo = UnpackBf16(u.x), hi = UnpackBf16(u.y);
+    resid[slot * 128] = make_float4(lo.x, lo.y, hi.x, hi.y);
+  }
+}
+
 // Sums over the 16 column tiles of this thread's two rows (e < 2: row r0, else r1) of f(value),
 // in two independent partial sums (one chain of 16 dependent adds is a latency the three warps
 // per scheduler cannot hide; four partial sums spill), then over the quad.
@@ -293,6 +306,8 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     vec[i] = v;
   }
   float* mod = vec + 2 * vec_floats + wg * kModFloats;
+  const __nv_bfloat16* xb_src = static_cast<const __nv_bfloat16*>(p.xb_src);
+  __nv_bfloat16* xb_dst = static_cast<__nv_bfloat16*>(p.xb_dst);
   // This thread's residual features: four at a time, slot 2m + row (Quad) at resid[slot * 128].
   float4* resid = reinterpret_cast<float4*>(smem + kResidOffset + wg * kResidBytes) + tid;
   // A round's group and this warpgroup's tile; the first before the wait (the list is written
@@ -406,10 +421,18 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
           mod[kShiftAttn + i] = mq[kD + f];
         }
       }
+      if (xb_src != nullptr) {
 #pragma unroll
-      for (int m = 0; m < 8; ++m) {
-        CpAsync16OrZero(resid + (2 * m) * 128, p.x_src + off0 + 16 * m + 4 * t, ok0);
-        CpAsync16OrZero(resid + (2 * m + 1) * 128, p.x_src + off1 + 16 * m + 4 * t, ok1);
+        for (int m = 0; m < 8; ++m) {
+          CpAsync8OrZero(resid + (2 * m) * 128, xb_src + off0 + 16 * m + 4 * t, ok0);
+          CpAsync8OrZero(resid + (2 * m + 1) * 128, xb_src + off1 + 16 * m + 4 * t, ok1);
+        }
+      } else {
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {
+          CpAsync16OrZero(resid + (2 * m) * 128, p.x_src + off0 + 16 * m + 4 * t, ok0);
+          CpAsync16OrZero(resid + (2 * m + 1) * 128, p.x_src + off1 + 16 * m + 4 * t, ok1);
+        }
       }
       CpAsyncCommit();
       // No barrier here: the first reads of mod come after the first GEMM (has_post) or the
@@ -436,7 +459,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       // RMSNorm weight is folded into the gate.
       float rn0, rn1;
       Rms(acc, rn0, rn1);
-      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      ResidualArrived(resid, xb_src != nullptr);
       ScaleColumns(acc, mod + kGateAttn, t, rn0, rn1);
       AddResidual(acc, resid, [&](int m, int row, float4 y) { resid[(2 * m + row) * 128] = y; });
       LayerNormToA(acc, mod + kScaleMlp, mod + kShiftMlp, t, a);
@@ -473,12 +496,17 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       // Gated residual of the MLP: the layer's output rows.
       ScaleColumns(acc, mod + kGateMlp, t);
       AddResidual(acc, resid, [&](int m, int row, float4 y) {
-        if (p.x_dst != nullptr && (row == 0 ? ok0 : ok1)) {
-          *reinterpret_cast<float4*>(p.x_dst + (row == 0 ? off0 : off1) + 16 * m + 4 * t) = y;
+        if (!(row == 0 ? ok0 : ok1)) return;
+        const size_t at = (row == 0 ? off0 : off1) + 16 * m + 4 * t;
+        if (xb_dst != nullptr) {
+          *reinterpret_cast<uint2*>(xb_dst + at) =
+              make_uint2(PackBf16(y.x, y.y), PackBf16(y.z, y.w));
+        } else if (p.x_dst != nullptr) {
+          *reinterpret_cast<float4*>(p.x_dst + at) = y;
         }
       });
     } else {
-      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      ResidualArrived(resid, xb_src != nullptr);
       warpgroup_sync();  // mod is written
 #pragma unroll
       for (int m = 0; m < 8; ++m) {

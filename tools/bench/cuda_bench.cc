@@ -184,6 +184,11 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (const char* v = std::getenv("MMDIT_BENCH_HEAD_MAJOR")) {
         fo.head_major_attention = std::atoi(v) != 0;
       }
+      // The residual stream between the wgmma row kernels: 0 fp32, 1 bf16 at every batch size
+      // (CudaForwardOptions::bf16_residual; unset: by batch size).
+      if (const char* v = std::getenv("MMDIT_BENCH_BF16_RESIDUAL")) {
+        fo.bf16_residual = std::atoi(v);
+      }
       absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, fo);
       if (!fwd.ok()) return fwd.status();
       CudaForward& f = **fwd;
