@@ -701,7 +701,7 @@ absl::Status CudaForwardImpl::RunStaged() {
                   d_wgmma_images != nullptr && tile_rows == 64 && !fused;
   tp.head_major = rp.head_major;
   const bool bf16_residual = d_act_bf16 != nullptr && tile_rows == 64 &&
-                             (options.bf16_residual == 1 || num_row_groups > num_sms);
+                             (options.bf16_residual == 1 || num_row_tiles > 2 * num_sms);
 
   if (fused) {
     cuda::FusedForwardParams fp{};
