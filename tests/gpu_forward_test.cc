@@ -538,6 +538,30 @@ TEST(GpuForwardTest, Bf16ResidualMatchesReference) {
   EXPECT_EQ(outputs[2], outputs[0]);
 }
 
+// Options are checked before any device work, so this runs (and fails loudly) without a GPU too.
+TEST(CudaForwardOptionsTest, OutOfRangeOptionsAreRejectedWithTheirName) {
+  MmditConfig config = TargetConfig();
+  config.num_layers = 1;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 7);
+  auto rejected = [&](CudaForwardOptions options, const std::string& field) {
+    const absl::Status s = CudaForward::Create(weights, options).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << field << ": " << s;
+    EXPECT_NE(s.message().find(field), std::string::npos) << s;
+  };
+  CudaForwardOptions options;
+  options.bf16_residual = 2;
+  rejected(options, "bf16_residual");
+  options = CudaForwardOptions();
+  options.row_tile_rows = 32;
+  rejected(options, "row_tile_rows");
+  options = CudaForwardOptions();
+  options.attn_tile_queries = 96;
+  rejected(options, "attn_tile_queries");
+  options = CudaForwardOptions();
+  options.max_batch_size = 0;
+  rejected(options, "max_batch_size");
+}
+
 TEST(GpuForwardTest, RejectsBatchesOverCapacity) {
   SKIP_WITHOUT_GPU();
   MmditConfig config = TargetConfig();

@@ -812,6 +812,10 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
                                                    cuda::kClusterSplit, "; was ",
                                                    options.row_cluster_split));
   }
+  if (options.bf16_residual < -1 || options.bf16_residual > 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bf16_residual must be -1, 0 or 1; was ", options.bf16_residual));
+  }
   if (options.attn_tile_queries == 16 && options.precision != CudaPrecision::kBf16) {
     return absl::InvalidArgumentError("attn_tile_queries 16 (keys split over warps) is bf16 only");
   }
