@@ -61,10 +61,10 @@ struct CudaForwardOptions {
   bool head_major_attention = true;
   // bf16, between the warpgroup-MMA row kernels: the residual stream stored in bf16 (each
   // kernel still adds to it in fp32; the input and the last layer's output stay fp32), which
-  // halves its DRAM traffic. -1: where the row kernel has more than two tiles per SM, from
-  // B = 67 at the target shape (on an H100 2-3 % faster at B = 96 to 512; at B = 64 2.6 % slower
-  // in one call and the same in another); 1: wherever the wgmma row kernel runs; 0: never
-  // (fp32, as every other row kernel keeps it).
+  // halves its DRAM traffic. -1: where the row kernel has more than two tiles per SM (at the
+  // target shape, four tiles a sample, from B = 67 on an H100's 132 SMs; there 2-3 % faster at
+  // B = 96 to 512, and at B = 64 2.6 % slower in one call and the same in another); 1: wherever
+  // the wgmma row kernel runs; 0: never (fp32, as every other row kernel keeps it).
   int bf16_residual = -1;
 };
 
