@@ -538,6 +538,56 @@ TEST(GpuForwardTest, Bf16ResidualMatchesReference) {
   EXPECT_EQ(outputs[2], outputs[0]);
 }
 
+// Per-sample sync changes only when each tile and item runs, not what it computes: its outputs
+// equal those of kernels that wait for each other whole, run after run (the counters start from
+// zero each forward). Enough samples that the attention CTAs take several items each and the
+// row kernel's CTAs several rounds; keys of up to 380 tokens, so some items span two stages.
+TEST(GpuForwardTest, PerSampleSyncMatchesWholeKernelWaits) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = 3;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 23);
+  std::mt19937 rng(29);
+  std::vector<std::pair<int, int>> lengths;
+  for (int i = 0; i < 120; ++i) {
+    lengths.push_back({std::uniform_int_distribution<int>(1, 300)(rng),
+                       std::uniform_int_distribution<int>(1, 80)(rng)});
+  }
+  std::vector<float> outputs[2];
+  for (bool sync : {false, true}) {
+    CudaForwardOptions options;
+    options.max_batch_size = 120;
+    options.max_seq_len = 300;
+    options.max_context_len = 80;
+    options.row_tile_rows = 64;
+    options.attn_tile_queries = 256;
+    options.per_sample_sync = sync;
+    auto fwd = CudaForward::Create(weights, options);
+    ASSERT_TRUE(fwd.ok()) << fwd.status();
+    // Two batches of the same shapes, alternately: each run must see its own inputs.
+    RandomBatch b = testing::MakeRandomBatch(config, lengths, true, 31);
+    RandomBatch other = testing::MakeRandomBatch(config, lengths, true, 37);
+    std::vector<float> other_out;
+    for (int run = 0; run < 4; ++run) {
+      RandomBatch& r = run % 2 == 0 ? b : other;
+      r.Poison();
+      ASSERT_TRUE((*fwd)->Run(r.samples).ok());
+      EXPECT_EQ((*fwd)->per_sample_sync(), sync);
+      std::vector<float>& first = run % 2 == 0 ? outputs[sync] : other_out;
+      if (run < 2) {
+        first = r.AllOutputs();
+      } else {
+        EXPECT_EQ(r.AllOutputs(), first) << "sync " << sync << ", run " << run;
+      }
+    }
+    EXPECT_NE(other_out, outputs[sync]);
+    const double err = CompareWithReference(weights, b, {0, 1, 57, 118, 119});
+    std::printf("per_sample_sync = %d: rel err %.3g\n", sync, err);
+    EXPECT_LE(err, Tolerance(CudaPrecision::kBf16));
+  }
+  EXPECT_EQ(outputs[1], outputs[0]);
+}
+
 // Options are checked before any device work, so this runs (and fails loudly) without a GPU too.
 TEST(CudaForwardOptionsTest, OutOfRangeOptionsAreRejectedWithTheirName) {
   MmditConfig config = TargetConfig();

@@ -34,6 +34,13 @@ __global__ void __launch_bounds__(kMmaThreads) AdaLnMmaKernel(const AdaLnParams 
   constexpr int kAs = kD + 8;  // bf16 row stride of silu(y): conflict-free ldmatrix rows
   __shared__ __align__(16) __nv_bfloat16 as[2][kMmaSamples * kAs];  // hi, lo
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  if (p.progress != nullptr) {  // the forward's first kernel: every later one runs after it
+    const int threads = gridDim.x * gridDim.y * kMmaThreads;
+    for (int i = (blockIdx.y * gridDim.x + blockIdx.x) * kMmaThreads + threadIdx.x;
+         i < p.progress_words; i += threads) {
+      p.progress[i] = 0;
+    }
+  }
   const int b0 = blockIdx.y * kMmaSamples;
   const int ns = min(kMmaSamples, p.batch - b0);
   const int n_total = p.num_layers * 2 * 6 * kD;

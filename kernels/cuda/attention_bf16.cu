@@ -39,6 +39,8 @@ struct StageBuffers {
   bf16 v[kBufs][kStageKeys * kBf16RowStride];
   uint64_t full[kBufs];   // three buffers only
   uint64_t empty[kBufs];
+  // Per-sample sync: the item whose last stage a buffer held, not yet counted (-1: none).
+  int done_item[kBufs];
 };
 
 // This thread's cp.async copies so far arrive on `bar` once they land (noinc: the arrival is
@@ -122,7 +124,9 @@ __device__ __forceinline__ void LoadQuery(const AttentionParams& p, const Item& 
   qa[3] = *reinterpret_cast<const uint32_t*>(q + r1 * rows.stride + 8);
 }
 
-template <int kWarps, int kMinBlocks, bool kBounded>
+// kSynced: per-sample sync (AttentionParams::rows_done set), as a template parameter so that the
+// kernels without it keep their registers.
+template <int kWarps, int kMinBlocks, bool kBounded, bool kSynced>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     AttentionBf16Kernel(const AttentionParams p) {
   constexpr int kThreads = kWarps * 32;
@@ -131,26 +135,49 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   StageBuffers<kBufs>& sb = *reinterpret_cast<StageBuffers<kBufs>*>(smem_raw);
   LaunchDependents();
   const int num_items = p.num_tiles * (p.dim / kHeadDim);
-  const int begin = (int)((int64_t)blockIdx.x * num_items / gridDim.x);
-  const int end = (int)((int64_t)(blockIdx.x + 1) * num_items / gridDim.x);
+  // Contiguous ranges, or with per-sample sync every gridDim.x-th item (AttentionParams).
+  constexpr bool synced = kSynced;
+  const int begin = synced ? blockIdx.x : (int)((int64_t)blockIdx.x * num_items / gridDim.x);
+  const int end = synced ? num_items : (int)((int64_t)(blockIdx.x + 1) * num_items / gridDim.x);
   if (begin >= end) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const uint32_t k_lane = KRowOffset(lane), v_lane = VRowOffset(lane);
 
   const int log2_heads = __ffs(p.dim / kHeadDim) - 1;
   int index = begin, st = 0;
+  Item it = DecodeItem(p, index, log2_heads);
+  if constexpr (!synced) WaitForPredecessor();
   int step = 0;  // steps so far: step s reads buffer s % kBufs, in its (s / kBufs)th use
   if constexpr (kBufs == 3) {
     if (threadIdx.x == 0) {
       for (int b = 0; b < kBufs; ++b) {
         MbarrierInit(&sb.full[b], kThreads);
         MbarrierInit(&sb.empty[b], kThreads);
+        sb.done_item[b] = -1;
       }
     }
     __syncthreads();
   }
-  Item it = DecodeItem(p, index, log2_heads);
-  WaitForPredecessor();
+  // Per-sample sync, thread 0 only: counts the item whose last stage buffer `b` held, once every
+  // thread has arrived on the buffer's `empty` barrier after its stores (the release at GPU scope
+  // then covers them all). One count per item and CTA: releases by every warp (a memory barrier
+  // each) or by every thread were slower than the whole kernel's wait.
+  auto signal_buffer = [&](int b) {
+    const int done = sb.done_item[b];
+    if (done >= 0) {
+      AddRelease(p.items_done + __ldg(&p.tiles[done >> log2_heads].sample));
+      sb.done_item[b] = -1;
+    }
+  };
+  // Per-sample sync: every thread waits (its own acquire: one request per warp) for the q/k/v of
+  // an item's sample before it stages or reads any of them. (One lane's or one warp's acquire
+  // instead, passed on by a warp barrier or an mbarrier, cost 90 bytes more of spills in the
+  // 64-register kernel, in its loop: slower than whole-kernel waits.)
+  auto wait_rows = [&](int item) {
+    const AttnTile& tile = p.tiles[item >> log2_heads];
+    WaitUntilAtLeast(p.rows_done + __ldg(&tile.sample), __ldg(&tile.rows_target));
+  };
+  if constexpr (synced) wait_rows(index);
   StageKeys<kThreads>(p, it, 0, sb.k[0], sb.v[0]);
   if constexpr (kBufs == 3) {
     CpAsyncArriveOn(&sb.full[0]);
@@ -170,7 +197,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     // The next step: the next stage of this item, or the first of the next item.
     int next_index = index, next_st = st + 1;
     if (next_st * kStageKeys >= it.num_keys) {
-      next_index = index + 1;
+      next_index = index + (synced ? static_cast<int>(gridDim.x) : 1);
       next_st = 0;
     }
     const bool has_next = next_index < end;
@@ -183,12 +210,16 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       constexpr bool kReuseTile = kMinBlocks < 4;
       if (!kReuseTile || (next_index >> log2_heads) != (index >> log2_heads)) {
         next = DecodeItem(p, next_index, log2_heads);
+        if constexpr (synced) wait_rows(next_index);  // a new tile: a new sample
       } else {
         next.head = next_index & ((1 << log2_heads) - 1);
       }
       if constexpr (kBufs == 3) {
         // Its last readers were step + 1 - 3: wait until every thread is done with them.
-        if (step + 1 >= kBufs) MbarrierWait(&sb.empty[next_buf], ((step + 1) / kBufs - 1) & 1);
+        if (step + 1 >= kBufs) {
+          MbarrierWait(&sb.empty[next_buf], ((step + 1) / kBufs - 1) & 1);
+          if (synced && threadIdx.x == 0) signal_buffer(next_buf);
+        }
       }
       StageKeys<kThreads>(p, next, next_st, sb.k[next_buf], sb.v[next_buf]);
       if constexpr (kBufs == 3) CpAsyncArriveOn(&sb.full[next_buf]);
@@ -274,13 +305,23 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[0][e] = o[1][e] = osum[e] = 0.0f;
     }
-    if (!has_next) break;
+    if (!has_next) {
+      if constexpr (synced) {  // this item and those of the last two steps
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          sb.done_item[buf] = index;
+          for (int b = 0; b < kBufs; ++b) signal_buffer(b);
+        }
+      }
+      break;
+    }
     if constexpr (kBufs == 2) {
       __syncthreads();  // every warp is done with `buf` before it is refilled
     } else {
       // This thread's reads of `buf` are done. (Without the __syncwarp, which orders nothing
       // here, ptxas spills 376 bytes instead of 168. With one arrival per warp after it,
       // racecheck reported each refill against the other lanes' reads.)
+      if (synced && threadIdx.x == 0) sb.done_item[buf] = last_stage ? index : -1;
       __syncwarp();
       MbarrierArrive(&sb.empty[buf]);
     }
@@ -291,12 +332,12 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   }
 }
 
-template <int kWarps, int kMinBlocks, bool kBounded>
+template <int kWarps, int kMinBlocks, bool kBounded, bool kSynced = false>
 absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream) {
   constexpr size_t kSmem = sizeof(StageBuffers<StageBufferCount<kWarps>()>);
   static std::atomic<uint64_t> smem_allowed{0};
   if (absl::Status s = AllowDynamicSmem(
-          reinterpret_cast<const void*>(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>), kSmem,
+          reinterpret_cast<const void*>(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded, kSynced>), kSmem,
           smem_allowed);
       !s.ok()) {
     return s;
@@ -305,13 +346,13 @@ absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream
   int per_sm = ctas_per_sm.load(std::memory_order_relaxed);
   if (per_sm == 0) {
     CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>, kWarps * 32, kSmem));
+        &per_sm, AttentionBf16Kernel<kWarps, kMinBlocks, kBounded, kSynced>, kWarps * 32, kSmem));
     per_sm = max(per_sm, 1);
     ctas_per_sm.store(per_sm, std::memory_order_relaxed);
   }
   const int items = params.num_tiles * (params.dim / kHeadDim);
   const int grid = min(items, per_sm * params.num_sms);
-  CUDA_RETURN_IF_ERROR(LaunchPdl(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded>, dim3(grid),
+  CUDA_RETURN_IF_ERROR(LaunchPdl(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded, kSynced>, dim3(grid),
                                  dim3(kWarps * 32), kSmem, stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
@@ -322,6 +363,9 @@ absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream
 absl::Status LaunchAttentionBf16Persistent(const AttentionParams& params, int tile_queries,
                                            cudaStream_t stream) {
   if (params.num_tiles == 0) return absl::OkStatus();
+  if (params.rows_done != nullptr && tile_queries != 256) {
+    return absl::UnimplementedError("per-sample sync takes 256-query attention tiles");
+  }
   // Three 256-thread CTAs per SM (80 registers): 84.8 us per layer at B = 256 against 95.5 with
   // two (128 registers). Bounded scores need fewer registers: four CTAs (64 registers, some
   // spilled) took 66.0 us against 68.5 with three (H200), the loop being latency-bound, where the
@@ -332,6 +376,10 @@ absl::Status LaunchAttentionBf16Persistent(const AttentionParams& params, int ti
                               : LaunchPersistent<8, 3, true>(params, stream);
   }
   if (tile_queries == 256) {
+    if (params.rows_done != nullptr) {
+      return params.scores_bounded ? LaunchPersistent<16, 2, true, true>(params, stream)
+                                   : LaunchPersistent<16, 1, false, true>(params, stream);
+    }
     return params.scores_bounded ? LaunchPersistent<16, 2, true>(params, stream)
                                  : LaunchPersistent<16, 1, false>(params, stream);
   }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -132,34 +133,46 @@ std::vector<uint16_t> PackWgmmaChunks(const StreamWeights& w, int d, int f) {
 // groups of ceil(rest / ctas), so that the last round spreads over every SM instead of leaving
 // most of them idle (B = 64: 256 tiles in 128 groups of two rather than 86 of three). A group
 // never spans the x and the context streams (tiles [0, num_x) and [num_x, num_tiles)).
+// by_sample (per-sample sync): the two streams' groups interleaved in the order of their first
+// sample, so that each round of the kernel finishes whole samples early and late samples last;
+// otherwise every x group, then every context group. `items_target` (per-sample sync): the
+// attention's count for a sample of `sample_tokens` tokens when it is done.
 std::vector<RowGroup> MakeRowGroups(int num_x, const RowTile* tiles, int num_tiles,
-                                    const SampleInfo* samples, int ctas) {
+                                    const SampleInfo* samples, int ctas, bool by_sample,
+                                    const std::function<int(int)>& items_target) {
   const int full_groups = num_tiles / (3 * ctas) * ctas;
   const int rest = num_tiles - 3 * full_groups;
   const int tail = rest == 0 ? 3 : CeilDiv(rest, ctas);
   std::vector<RowGroup> groups;
-  for (int stream = 0; stream < 2; ++stream) {
-    const int end = stream == 0 ? num_x : num_tiles;
-    for (int t = stream == 0 ? 0 : num_x; t < end;) {
-      const int size =
-          std::min(static_cast<int>(groups.size()) < full_groups ? 3 : tail, end - t);
-      RowGroup group{};
-      group.count = size;
-      group.stream = stream;
-      for (int k = 0; k < size; ++k) {
-        const RowTile& tile = tiles[t + k];
-        const SampleInfo& si = samples[tile.sample];
-        group.tiles[k] = GroupTile{si.tok_off + (stream ? si.seq_len : 0) + tile.row0,
-                                   tile.rows,
-                                   tile.sample,
-                                   si.start_pos + tile.row0,
-                                   si.tok_off,
-                                   si.seq_len + si.ctx_len,
-                                   {}};
-      }
-      groups.push_back(group);
-      t += size;
+  int next[2] = {0, num_x};
+  const int end[2] = {num_x, num_tiles};
+  while (next[0] < end[0] || next[1] < end[1]) {
+    int stream = next[0] < end[0] ? 0 : 1;
+    if (by_sample && next[0] < end[0] && next[1] < end[1] &&
+        tiles[next[1]].sample < tiles[next[0]].sample) {
+      stream = 1;
     }
+    const int t = next[stream];
+    const int size =
+        std::min(static_cast<int>(groups.size()) < full_groups ? 3 : tail, end[stream] - t);
+    RowGroup group{};
+    group.count = size;
+    group.stream = stream;
+    for (int k = 0; k < size; ++k) {
+      const RowTile& tile = tiles[t + k];
+      const SampleInfo& si = samples[tile.sample];
+      const int tokens = si.seq_len + si.ctx_len;
+      group.tiles[k] = GroupTile{si.tok_off + (stream ? si.seq_len : 0) + tile.row0,
+                                 tile.rows,
+                                 tile.sample,
+                                 si.start_pos + tile.row0,
+                                 si.tok_off,
+                                 tokens,
+                                 items_target(tokens),
+                                 0};
+    }
+    groups.push_back(group);
+    next[stream] += size;
   }
   return groups;
 }
@@ -249,6 +262,11 @@ class CudaForwardImpl {
       num_attn_tiles = 0;
   int tile_rows = 64, tile_queries = 128, cluster_split = 1;
   bool fused = false;  // the staged batch runs as one launch (fused_forward.cu)
+  // The staged batch's row and attention kernels overlap, synchronised per sample
+  // (CudaForwardOptions::per_sample_sync) through d_progress: [layer][2][max_batch_size]
+  // counters, q/k/v rows done (even) and attention items done (odd).
+  bool sample_sync = false;
+  unsigned* d_progress = nullptr;
   bool clusters_supported = false;
   // The fused forward: its clusters that fit on the device at once (0: not available), and its
   // grid barrier's counters.
@@ -448,6 +466,12 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   if (options.bf16_residual != 0 && d_wgmma_images != nullptr) {
     if (absl::Status s = Alloc(&d_act_bf16, act_bytes / 2); !s.ok()) return s;
   }
+  if (precision == Precision::kBf16 && d_wgmma_images != nullptr) {
+    if (absl::Status s = Alloc(&p, sizeof(unsigned) * 2 * n * static_cast<size_t>(mb)); !s.ok()) {
+      return s;
+    }
+    d_progress = static_cast<unsigned*>(p);
+  }
   const size_t mod_bytes = sizeof(float) * static_cast<size_t>(mb) * n * 2 * 6 * d;
   if (absl::Status s = Alloc(&p, mod_bytes); !s.ok()) return s;
   d_mod = static_cast<float*>(p);
@@ -604,8 +628,9 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     for (int r = 0; r < L; r += tile_rows) {
       row_tiles[nrt++] = RowTile{i, 0, r, std::min(tile_rows, L - r)};
     }
+    const int rows_target = CeilDiv(L, tile_rows) + CeilDiv(C, tile_rows);
     for (int q = 0; q < L + C; q += tile_queries) {
-      attn_tiles[nat++] = AttnTile{tok, q, L, L + C, info.mask_off, {}};
+      attn_tiles[nat++] = AttnTile{tok, q, L, L + C, info.mask_off, i, rows_target, 0};
     }
     tok += L + C;
   }
@@ -625,6 +650,11 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   // clusters of four, 16-query attention) and every cluster fits on the device at once.
   fused = fused_capacity > 0 && tile_rows == 16 && cluster_split == cuda::kClusterSplit &&
           tile_queries == 16 && num_row_tiles <= fused_capacity;
+  // Where the wgmma row kernel and the 256-query persistent attention exchange q/k/v head by
+  // head, and the row kernel has more than two tiles per SM (CudaForwardOptions).
+  sample_sync = d_progress != nullptr && options.per_sample_sync &&
+                options.head_major_attention && options.persistent_attention && tile_rows == 64 &&
+                tile_queries == 256 && !fused && num_row_tiles > 2 * num_sms;
   auto copy = [&](size_t off, size_t bytes) {
     return cudaMemcpyAsync(dev_io + off, host_io + off, bytes, cudaMemcpyHostToDevice, stream);
   };
@@ -632,8 +662,11 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   CUDA_RETURN_IF_ERROR(copy(off_row_tiles, sizeof(RowTile) * nrt));
   num_row_groups = 0;
   if (d_wgmma_images != nullptr && tile_rows == 64) {
-    const std::vector<RowGroup> groups =
-        MakeRowGroups(num_x_row_tiles, row_tiles, nrt, samples, num_sms);
+    // Each of a sample's attention items counts once.
+    const int heads = d / cuda::kHeadDim;
+    const std::vector<RowGroup> groups = MakeRowGroups(
+        num_x_row_tiles, row_tiles, nrt, samples, num_sms, sample_sync,
+        [&](int tokens) { return CeilDiv(tokens, tile_queries) * heads; });
     num_row_groups = static_cast<int>(groups.size());
     std::memcpy(host_io + off_row_groups, groups.data(), sizeof(RowGroup) * groups.size());
     CUDA_RETURN_IF_ERROR(copy(off_row_groups, sizeof(RowGroup) * groups.size()));
@@ -660,6 +693,10 @@ absl::Status CudaForwardImpl::RunStaged() {
   ap.batch = batch;
   ap.dim = d;
   ap.num_layers = n;
+  if (sample_sync) {
+    ap.progress = d_progress;
+    ap.progress_words = 2 * n * options.max_batch_size;
+  }
   if (absl::Status s = cuda::LaunchAdaLn(ap, stream); !s.ok()) return s;
   Launched("adaln");
 
@@ -725,10 +762,20 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.x_dst = nullptr;
   rp.post_layer = -1;
   rp.qkv_layer = 0;
+  // Per-sample sync: layer l's counters of q/k/v rows done and of attention items done.
+  const int mb = options.max_batch_size;
+  auto rows_done = [&](int l) { return l < 0 || !sample_sync ? nullptr : d_progress + 2 * l * mb; };
+  auto items_done = [&](int l) {
+    return l < 0 || !sample_sync ? nullptr : d_progress + (2 * l + 1) * mb;
+  };
+  rp.sample_sync = sample_sync;
+  rp.rows_done = rows_done(0);
   if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
   Launched("row");
   for (int l = 0; l < n; ++l) {
     tp.scores_bounded = scores_bounded[l];
+    tp.rows_done = rows_done(l);
+    tp.items_done = items_done(l);
     if (absl::Status s =
             tile_queries == 16 ? cuda::LaunchAttentionSplitKeys(tp, stream)
             : persistent       ? cuda::LaunchAttentionBf16Persistent(tp, tile_queries, stream)
@@ -745,6 +792,8 @@ absl::Status CudaForwardImpl::RunStaged() {
     }
     rp.post_layer = l;
     rp.qkv_layer = l + 1 < n ? l + 1 : -1;
+    rp.items_done = items_done(l);
+    rp.rows_done = rows_done(rp.qkv_layer);
     if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
     Launched("row");
   }
@@ -916,6 +965,7 @@ int CudaForward::tile_rows() const { return impl_->tile_rows; }
 int CudaForward::row_cluster_split() const { return impl_->cluster_split; }
 int CudaForward::tile_queries() const { return impl_->tile_queries; }
 bool CudaForward::fused() const { return impl_->fused; }
+bool CudaForward::per_sample_sync() const { return impl_->sample_sync; }
 int CudaForward::bounded_score_layers() const {
   return static_cast<int>(
       std::count(impl_->scores_bounded.begin(), impl_->scores_bounded.end(), true));

@@ -66,6 +66,13 @@ struct CudaForwardOptions {
   // B = 96 to 512, and at B = 64 2.6 % slower in one call and the same in another); 1: wherever
   // the wgmma row kernel runs; 0: never (fp32, as every other row kernel keeps it).
   int bf16_residual = -1;
+  // bf16, where the warpgroup-MMA row kernel and the 256-query persistent attention exchange
+  // q/k/v head by head and the row kernel has more than two tiles per SM (at the target shape,
+  // from B = 67 on an H100): consecutive kernels overlap, each waiting per sample for the
+  // previous one's work on that sample (counters in global memory) instead of for the whole
+  // previous kernel, so that an SM that finishes its share of one kernel starts on the next;
+  // false: each kernel waits for the whole previous one.
+  bool per_sample_sync = true;
 };
 
 class CudaForwardImpl;
@@ -103,6 +110,9 @@ class CudaForward {
   int row_cluster_split() const;
   // Whether the staged batch runs as the one-launch forward (CudaForwardOptions::fused_forward).
   bool fused() const;
+  // Whether the staged batch's kernels overlap with per-sample sync
+  // (CudaForwardOptions::per_sample_sync).
+  bool per_sample_sync() const;
   // Layers whose attention takes exp2 of the scores without a running maximum
   // (CudaForwardOptions::static_softmax_offsets; the one-launch forward keeps the maximum).
   int bounded_score_layers() const;

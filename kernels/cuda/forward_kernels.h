@@ -78,7 +78,8 @@ struct alignas(16) GroupTile {  // two 16-byte loads
   int pos0;    // RoPE position of the first row (x stream)
   int sample_tok0;    // the sample's first token row (SampleInfo::tok_off)
   int sample_tokens;  // L + C
-  int pad[2];
+  int items_target;   // per-sample sync: the attention's count for the sample when it is done
+  int pad;
 };
 struct RowGroup {
   int count;   // 1 to 3
@@ -95,7 +96,9 @@ struct alignas(16) AttnTile {  // two 16-byte loads
   int seq_len;   // L
   int num_keys;  // L + C
   int mask_off;  // SampleInfo::mask_off
-  int pad[3];
+  int sample;
+  int rows_target;  // per-sample sync: the row kernel's count for the sample when it is done
+  int pad;
 };
 
 // One stream of one layer on the device. Matrices are in mma fragment order (see
@@ -122,6 +125,8 @@ struct AdaLnParams {
                          // fragment order; null: fp32
   const float* b;        // [N][2][6D]
   float* mod;            // [B][N][2][6D]
+  unsigned* progress;    // where set (bf16), zeroed: the per-sample sync counters of the forward
+  int progress_words;
   int batch;
   int dim;
   int num_layers;
@@ -164,6 +169,14 @@ struct RowParams {
   // q, k, v and the attention output of a sample as [head][token][Dh] instead of [token][D]
   // (the wgmma kernel only; CudaForwardOptions::head_major_attention).
   bool head_major;
+  // Per-sample sync (the wgmma kernel, head-major; CudaForwardOptions::per_sample_sync): instead
+  // of waiting for the whole previous kernel, a tile waits until items_done[sample] reaches its
+  // GroupTile::items_target (the attention of post_layer), and each finished tile adds one to
+  // rows_done[sample] (the q/k/v of qkv_layer). The first row kernel (no post_layer) still waits
+  // for the adaLN, which zeroes every counter.
+  bool sample_sync;
+  const unsigned* items_done;
+  unsigned* rows_done;
 };
 
 // Joint attention of one head over a tile of queries of one sample against all its keys.
@@ -189,6 +202,13 @@ struct AttentionParams {
   // read more samples' keys at once: at B = 512 on an H100, four were 20 % slower.)
   bool keys_fit_l2;
   bool head_major;  // as RowParams::head_major (the persistent bf16 kernel only)
+  // Per-sample sync (the persistent bf16 kernel; RowParams::sample_sync): each CTA takes items
+  // blockIdx.x, + gridDim.x, ... (every CTA walks the samples in order, as the row kernels'
+  // rounds do), an item first waits until rows_done[sample] reaches AttnTile::rows_target, and
+  // each CTA adds one to items_done[sample] per finished item. Null: contiguous ranges after
+  // the whole previous kernel.
+  const unsigned* rows_done;
+  unsigned* items_done;
 };
 constexpr double kBoundedScoreMax = 64.0;
 

@@ -264,6 +264,29 @@ __device__ __forceinline__ void WaitForPredecessor() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 }
 
+// Per-sample progress counters between kernels that overlap (RowParams::sample_sync): the
+// producer's threads order their stores before one thread's release-add (a barrier between), and
+// the consumer's loads come after one thread's acquire (a barrier after it).
+__device__ __forceinline__ void AddRelease(unsigned* counter) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
+}
+// The loop is inside the asm: as C++ control flow around the load it cost the bf16 attention
+// kernel 100 bytes more of spills (ptxas, 64 registers).
+__device__ __forceinline__ void WaitUntilAtLeast(const unsigned* counter, unsigned target) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      ".reg .u32 v;\n"
+      "WAIT:\n"
+      "ld.acquire.gpu.global.u32 v, [%0];\n"
+      "setp.lt.u32 p, v, %1;\n"
+      "@p nanosleep.u32 64;\n"
+      "@p bra WAIT;\n"
+      "}\n" ::"l"(counter),
+      "r"(target)
+      : "memory");
+}
+
 __device__ __forceinline__ float ToFloat(float v) { return v; }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename T>

@@ -253,10 +253,13 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
   unsigned* released = reinterpret_cast<unsigned*>(smem + kReleasedOffset);
   float* vec = reinterpret_cast<float*>(smem + kVectorsOffset);
 
-  LaunchDependents();
   const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
   const int warp = tid >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool has_post = p.post_layer >= 0, has_qkv = p.qkv_layer >= 0;
+  // With per-sample sync the next kernel (attention) may start before this one ends, so the
+  // first row kernel lets it launch only once the adaLN (which zeroes the counters) is done.
+  const bool first_synced = p.sample_sync && !has_post;
+  if (!first_synced) LaunchDependents();
   // This CTA takes groups blockIdx.x, + gridDim.x, ... of the host's list (the grid is at most
   // one CTA per SM), one round each.
   const int rounds = (p.num_groups - blockIdx.x + gridDim.x - 1) / gridDim.x;
@@ -327,7 +330,8 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     if constexpr (kHeadMajor) extent = __ldg(reinterpret_cast<const int4*>(&gr.tiles[wg]) + 1);
   };
   if (rounds > 0) load_group(0);
-  WaitForPredecessor();
+  if (!p.sample_sync || !has_post) WaitForPredecessor();
+  if (first_synced) LaunchDependents();
   __syncthreads();
 
   auto acquire = [&](int i) {
@@ -354,13 +358,25 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
   };
   // The 128 threads of this warpgroup (named barrier 1 + wg; 0 is __syncthreads).
   auto warpgroup_sync = [&] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
-
+  // Per-sample sync: the sample whose q/k/v this warpgroup stored last and has not yet counted.
+  // It is counted one round late, once those stores have long completed, so that the release
+  // does not wait for them (each call follows a warpgroup barrier that orders every thread's
+  // stores before it).
+  int unsignalled = -1;
+  auto signal_rows = [&] {
+    if (unsignalled >= 0 && tid == 0) AddRelease(p.rows_done + unsignalled);
+    unsignalled = -1;
+  };
   int chunk = 0;
   for (int round = 0; round < rounds; ++round) {
     if (round > 0) load_group(round);
-    const GroupTile tile{mine.x, mine.y, mine.z, mine.w, extent.x, extent.y, {}};
+    const GroupTile tile{mine.x, mine.y, mine.z, mine.w, extent.x, extent.y, extent.z, 0};
     const int count = header.x, stream = header.y;
     if (wg >= count) {
+      if (unsignalled >= 0) {
+        warpgroup_sync();
+        signal_rows();
+      }
       for (int c = 0; c < per_round; ++c, ++chunk) {
         acquire(chunk);
         release(chunk);
@@ -389,13 +405,19 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     // output rows straight into A fragments: features 16ks + 4t .. + 3 are a[ks][0], a[ks][2]
     // (row r0) and a[ks][1], a[ks][3] (row r1).
     if (has_post) {
+      if (p.sample_sync) {
+        if (tid == 0) WaitUntilAtLeast(p.items_done + tile.sample, extent.z);
+        warpgroup_sync();
+      }
+      // Coherent loads (not the read-only path): with per-sample sync another kernel may still
+      // be writing this buffer.
       const __nv_bfloat16* at = static_cast<const __nv_bfloat16*>(p.attn) + head0 + 4 * t;
 #pragma unroll
       for (int ks = 0; ks < 8; ++ks) {  // ks: head
         const __nv_bfloat16* h = at + ks * head_stride;
-        const uint2 u0 = ok0 ? __ldg(reinterpret_cast<const uint2*>(h)) : make_uint2(0u, 0u);
+        const uint2 u0 = ok0 ? __ldcg(reinterpret_cast<const uint2*>(h)) : make_uint2(0u, 0u);
         const uint2 u1 =
-            ok1 ? __ldg(reinterpret_cast<const uint2*>(h + 8 * kRowStride)) : make_uint2(0u, 0u);
+            ok1 ? __ldcg(reinterpret_cast<const uint2*>(h + 8 * kRowStride)) : make_uint2(0u, 0u);
         a[ks][0] = u0.x, a[ks][2] = u0.y, a[ks][1] = u1.x, a[ks][3] = u1.y;
       }
     }
@@ -435,6 +457,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
         }
       }
       CpAsyncCommit();
+      signal_rows();  // after the barrier above
       // No barrier here: the first reads of mod come after the first GEMM (has_post) or the
       // residual's wait, so its loads run under them. (The residual needs none: each thread
       // reads back only what it copied.)
@@ -568,7 +591,12 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       pass(std::integral_constant<int, 0>{});
       pass(std::integral_constant<int, 1>{});
       pass(std::integral_constant<int, 2>{});
+      if (p.sample_sync) unsignalled = tile.sample;
     }
+  }
+  if (unsignalled >= 0) {
+    warpgroup_sync();
+    signal_rows();
   }
 }
 

@@ -189,6 +189,10 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (const char* v = std::getenv("MMDIT_BENCH_BF16_RESIDUAL")) {
         fo.bf16_residual = std::atoi(v);
       }
+      // 0: each kernel waits for the whole previous one (CudaForwardOptions::per_sample_sync).
+      if (const char* v = std::getenv("MMDIT_BENCH_SAMPLE_SYNC")) {
+        fo.per_sample_sync = std::atoi(v) != 0;
+      }
       absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, fo);
       if (!fwd.ok()) return fwd.status();
       CudaForward& f = **fwd;
@@ -211,12 +215,13 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
         const double tflops = flops * b / (best * 1e-3) * 1e-12;
         const double anchor = AnchorMs(bf16, b);
         // Row tile rows (x CTAs per tile when split over a cluster) / attention tile queries, F
-        // when the forward is one launch.
+        // when the forward is one launch, S with per-sample sync.
         const std::string tiles =
             absl::StrCat(f.tile_rows(),
                          f.row_cluster_split() > 1 ? absl::StrCat("x", f.row_cluster_split())
                                                    : std::string(),
-                         "/", f.tile_queries(), f.fused() ? "F" : "");
+                         "/", f.tile_queries(), f.fused() ? "F" : "",
+                         f.per_sample_sync() ? "S" : "");
         table += absl::StrFormat(
             "%-5s %5d %8s %10.4f %10.4f %12.0f %8.1f %6.1f%% %10s %s\n", bf16 ? "bf16" : "fp32",
             b, tiles, *stream_ms, *graph_ms, b / (best * 1e-3), tflops,
