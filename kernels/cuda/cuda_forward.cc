@@ -651,10 +651,10 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   fused = fused_capacity > 0 && tile_rows == 16 && cluster_split == cuda::kClusterSplit &&
           tile_queries == 16 && num_row_tiles <= fused_capacity;
   // Where the wgmma row kernel and the 256-query persistent attention exchange q/k/v head by
-  // head, and the row kernel has more than two tiles per SM (CudaForwardOptions).
+  // head, and the row kernel has more than three tiles per SM (CudaForwardOptions).
   sample_sync = d_progress != nullptr && options.per_sample_sync &&
                 options.head_major_attention && options.persistent_attention && tile_rows == 64 &&
-                tile_queries == 256 && !fused && num_row_tiles > 2 * num_sms;
+                tile_queries == 256 && !fused && num_row_tiles > 3 * num_sms;
   auto copy = [&](size_t off, size_t bytes) {
     return cudaMemcpyAsync(dev_io + off, host_io + off, bytes, cudaMemcpyHostToDevice, stream);
   };
