@@ -266,25 +266,18 @@ __device__ __forceinline__ void WaitForPredecessor() {
 
 // Per-sample progress counters between kernels that overlap (RowParams::sample_sync): the
 // producer's threads order their stores before one thread's release-add (a barrier between), and
-// the consumer's loads come after one thread's acquire (a barrier after it).
+// the consumer's loads come after an acquire (one thread's and then a barrier, or each thread's
+// own).
 __device__ __forceinline__ void AddRelease(unsigned* counter) {
   asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
 }
-// The loop is inside the asm: as C++ control flow around the load it cost the bf16 attention
-// kernel 100 bytes more of spills (ptxas, 64 registers).
 __device__ __forceinline__ void WaitUntilAtLeast(const unsigned* counter, unsigned target) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      ".reg .u32 v;\n"
-      "WAIT:\n"
-      "ld.acquire.gpu.global.u32 v, [%0];\n"
-      "setp.lt.u32 p, v, %1;\n"
-      "@p nanosleep.u32 64;\n"
-      "@p bra WAIT;\n"
-      "}\n" ::"l"(counter),
-      "r"(target)
-      : "memory");
+  while (true) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(counter) : "memory");
+    if (v >= target) return;
+    __nanosleep(64);  // spares the L2 while the producer is far behind
+  }
 }
 
 __device__ __forceinline__ float ToFloat(float v) { return v; }
