@@ -335,10 +335,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 template <int kWarps, int kMinBlocks, bool kBounded, bool kSynced = false>
 absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream) {
   constexpr size_t kSmem = sizeof(StageBuffers<StageBufferCount<kWarps>()>);
+  constexpr auto kernel = AttentionBf16Kernel<kWarps, kMinBlocks, kBounded, kSynced>;
   static std::atomic<uint64_t> smem_allowed{0};
-  if (absl::Status s = AllowDynamicSmem(
-          reinterpret_cast<const void*>(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded, kSynced>), kSmem,
-          smem_allowed);
+  if (absl::Status s =
+          AllowDynamicSmem(reinterpret_cast<const void*>(kernel), kSmem, smem_allowed);
       !s.ok()) {
     return s;
   }
@@ -346,14 +346,14 @@ absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream
   int per_sm = ctas_per_sm.load(std::memory_order_relaxed);
   if (per_sm == 0) {
     CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, AttentionBf16Kernel<kWarps, kMinBlocks, kBounded, kSynced>, kWarps * 32, kSmem));
+        &per_sm, kernel, kWarps * 32, kSmem));
     per_sm = max(per_sm, 1);
     ctas_per_sm.store(per_sm, std::memory_order_relaxed);
   }
   const int items = params.num_tiles * (params.dim / kHeadDim);
   const int grid = min(items, per_sm * params.num_sms);
-  CUDA_RETURN_IF_ERROR(LaunchPdl(AttentionBf16Kernel<kWarps, kMinBlocks, kBounded, kSynced>, dim3(grid),
-                                 dim3(kWarps * 32), kSmem, stream, params));
+  CUDA_RETURN_IF_ERROR(
+      LaunchPdl(kernel, dim3(grid), dim3(kWarps * 32), kSmem, stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

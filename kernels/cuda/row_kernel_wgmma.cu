@@ -316,11 +316,12 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
   // A round's group and this warpgroup's tile; the first before the wait (the list is written
   // before the forward starts).
   // As 16-byte loads: header (count, stream, ...) and this warpgroup's GroupTile (its sample's
-  // extent only where q/k/v and the attention output are head-major).
+  // extent and items_target only where q/k/v and the attention output are head-major).
   static_assert(offsetof(RowGroup, count) == 0 && offsetof(RowGroup, stream) == 4 &&
                     offsetof(RowGroup, tiles) == 16 && sizeof(GroupTile) == 32 &&
                     offsetof(GroupTile, sample_tok0) == 16 &&
-                    offsetof(GroupTile, sample_tokens) == 20,
+                    offsetof(GroupTile, sample_tokens) == 20 &&
+                    offsetof(GroupTile, items_target) == 24,
                 "RowGroup's layout, as loaded here");
   int4 header, mine, extent = make_int4(0, 0, 0, 0);
   auto load_group = [&](int round) {
@@ -406,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
     // (row r0) and a[ks][1], a[ks][3] (row r1).
     if (has_post) {
       if (p.sample_sync) {
-        if (tid == 0) WaitUntilAtLeast(p.items_done + tile.sample, extent.z);
+        if (tid == 0) WaitUntilAtLeast(p.items_done + tile.sample, tile.items_target);
         warpgroup_sync();
       }
       // Coherent loads (not the read-only path): with per-sample sync another kernel may still
