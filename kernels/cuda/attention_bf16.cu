@@ -136,9 +136,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   LaunchDependents();
   const int num_items = p.num_tiles * (p.dim / kHeadDim);
   // Contiguous ranges, or with per-sample sync every gridDim.x-th item (AttentionParams).
-  constexpr bool synced = kSynced;
-  const int begin = synced ? blockIdx.x : (int)((int64_t)blockIdx.x * num_items / gridDim.x);
-  const int end = synced ? num_items : (int)((int64_t)(blockIdx.x + 1) * num_items / gridDim.x);
+  const int begin = kSynced ? blockIdx.x : (int)((int64_t)blockIdx.x * num_items / gridDim.x);
+  const int end = kSynced ? num_items : (int)((int64_t)(blockIdx.x + 1) * num_items / gridDim.x);
   if (begin >= end) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const uint32_t k_lane = KRowOffset(lane), v_lane = VRowOffset(lane);
@@ -146,7 +145,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const int log2_heads = __ffs(p.dim / kHeadDim) - 1;
   int index = begin, st = 0;
   Item it = DecodeItem(p, index, log2_heads);
-  if constexpr (!synced) WaitForPredecessor();
+  if constexpr (!kSynced) WaitForPredecessor();
   int step = 0;  // steps so far: step s reads buffer s % kBufs, in its (s / kBufs)th use
   if constexpr (kBufs == 3) {
     if (threadIdx.x == 0) {
@@ -177,7 +176,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     const AttnTile& tile = p.tiles[item >> log2_heads];
     WaitUntilAtLeast(p.rows_done + __ldg(&tile.sample), __ldg(&tile.rows_target));
   };
-  if constexpr (synced) wait_rows(index);
+  if constexpr (kSynced) wait_rows(index);
   StageKeys<kThreads>(p, it, 0, sb.k[0], sb.v[0]);
   if constexpr (kBufs == 3) {
     CpAsyncArriveOn(&sb.full[0]);
@@ -197,7 +196,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     // The next step: the next stage of this item, or the first of the next item.
     int next_index = index, next_st = st + 1;
     if (next_st * kStageKeys >= it.num_keys) {
-      next_index = index + (synced ? static_cast<int>(gridDim.x) : 1);
+      next_index = index + (kSynced ? static_cast<int>(gridDim.x) : 1);
       next_st = 0;
     }
     const bool has_next = next_index < end;
@@ -210,7 +209,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       constexpr bool kReuseTile = kMinBlocks < 4;
       if (!kReuseTile || (next_index >> log2_heads) != (index >> log2_heads)) {
         next = DecodeItem(p, next_index, log2_heads);
-        if constexpr (synced) wait_rows(next_index);  // a new tile: a new sample
+        if constexpr (kSynced) wait_rows(next_index);  // a new tile: a new sample
       } else {
         next.head = next_index & ((1 << log2_heads) - 1);
       }
@@ -218,7 +217,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         // Its last readers were step + 1 - 3: wait until every thread is done with them.
         if (step + 1 >= kBufs) {
           MbarrierWait(&sb.empty[next_buf], ((step + 1) / kBufs - 1) & 1);
-          if (synced && threadIdx.x == 0) signal_buffer(next_buf);
+          if (kSynced && threadIdx.x == 0) signal_buffer(next_buf);
         }
       }
       StageKeys<kThreads>(p, next, next_st, sb.k[next_buf], sb.v[next_buf]);
@@ -306,7 +305,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       for (int e = 0; e < 4; ++e) o[0][e] = o[1][e] = osum[e] = 0.0f;
     }
     if (!has_next) {
-      if constexpr (synced) {  // this item and those of the last two steps
+      if constexpr (kSynced) {  // this item and those of the last two steps
         __syncthreads();
         if (threadIdx.x == 0) {
           sb.done_item[buf] = index;
@@ -321,7 +320,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       // This thread's reads of `buf` are done. (Without the __syncwarp, which orders nothing
       // here, ptxas spills 376 bytes instead of 168. With one arrival per warp after it,
       // racecheck reported each refill against the other lanes' reads.)
-      if (synced && threadIdx.x == 0) sb.done_item[buf] = last_stage ? index : -1;
+      if (kSynced && threadIdx.x == 0) sb.done_item[buf] = last_stage ? index : -1;
       __syncwarp();
       MbarrierArrive(&sb.empty[buf]);
     }

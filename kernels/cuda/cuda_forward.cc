@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <functional>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -135,11 +134,11 @@ std::vector<uint16_t> PackWgmmaChunks(const StreamWeights& w, int d, int f) {
 // never spans the x and the context streams (tiles [0, num_x) and [num_x, num_tiles)).
 // by_sample (per-sample sync): the two streams' groups interleaved in the order of their first
 // sample, so that each round of the kernel finishes whole samples early and late samples last;
-// otherwise every x group, then every context group. `items_target` (per-sample sync): the
-// attention's count for a sample of `sample_tokens` tokens when it is done.
+// otherwise every x group, then every context group. Each tile carries its sample's attention
+// item count (GroupTile::items_target: tiles of attn_tile_queries queries, one item per head).
 std::vector<RowGroup> MakeRowGroups(int num_x, const RowTile* tiles, int num_tiles,
                                     const SampleInfo* samples, int ctas, bool by_sample,
-                                    const std::function<int(int)>& items_target) {
+                                    int attn_tile_queries, int heads) {
   const int full_groups = num_tiles / (3 * ctas) * ctas;
   const int rest = num_tiles - 3 * full_groups;
   const int tail = rest == 0 ? 3 : CeilDiv(rest, ctas);
@@ -168,7 +167,7 @@ std::vector<RowGroup> MakeRowGroups(int num_x, const RowTile* tiles, int num_til
                                  si.start_pos + tile.row0,
                                  si.tok_off,
                                  tokens,
-                                 items_target(tokens),
+                                 CeilDiv(tokens, attn_tile_queries) * heads,
                                  0};
     }
     groups.push_back(group);
@@ -662,11 +661,9 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   CUDA_RETURN_IF_ERROR(copy(off_row_tiles, sizeof(RowTile) * nrt));
   num_row_groups = 0;
   if (d_wgmma_images != nullptr && tile_rows == 64) {
-    // Each of a sample's attention items counts once.
-    const int heads = d / cuda::kHeadDim;
-    const std::vector<RowGroup> groups = MakeRowGroups(
-        num_x_row_tiles, row_tiles, nrt, samples, num_sms, sample_sync,
-        [&](int tokens) { return CeilDiv(tokens, tile_queries) * heads; });
+    const std::vector<RowGroup> groups =
+        MakeRowGroups(num_x_row_tiles, row_tiles, nrt, samples, num_sms, sample_sync,
+                      tile_queries, d / cuda::kHeadDim);
     num_row_groups = static_cast<int>(groups.size());
     std::memcpy(host_io + off_row_groups, groups.data(), sizeof(RowGroup) * groups.size());
     CUDA_RETURN_IF_ERROR(copy(off_row_groups, sizeof(RowGroup) * groups.size()));
