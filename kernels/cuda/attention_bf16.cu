@@ -75,6 +75,15 @@ __device__ __forceinline__ Item DecodeItem(const AttentionParams& p, int index, 
   return it;
 }
 
+// Per-sample sync: a CTA takes half of a tile's heads (H / 2 consecutive items) at a time, so that
+// it loads the tile's fields and waits for its sample's rows once per chunk rather than once per
+// item, while each sample is still spread over two CTAs that finish it at about the same time.
+// H100, bf16 B = 256, four calls: 0.9-1.4 % less time than one item at a time (docs/BENCHMARKS.md,
+// eleventh round).
+__host__ __device__ constexpr int SyncChunkLog2(int log2_heads) {
+  return log2_heads > 0 ? log2_heads - 1 : 0;
+}
+
 __device__ __forceinline__ void CpAsyncWaitPrior() {
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 }
@@ -135,14 +144,16 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   StageBuffers<kBufs>& sb = *reinterpret_cast<StageBuffers<kBufs>*>(smem_raw);
   LaunchDependents();
   const int num_items = p.num_tiles * (p.dim / kHeadDim);
-  // Contiguous ranges, or with per-sample sync every gridDim.x-th item (AttentionParams).
-  const int begin = kSynced ? blockIdx.x : (int)((int64_t)blockIdx.x * num_items / gridDim.x);
+  const int log2_heads = __ffs(p.dim / kHeadDim) - 1;
+  // Contiguous ranges, or with per-sample sync every gridDim.x-th chunk (AttentionParams).
+  const int chunk_log2 = kSynced ? SyncChunkLog2(log2_heads) : 0;
+  const int begin =
+      kSynced ? (int)blockIdx.x << chunk_log2 : (int)((int64_t)blockIdx.x * num_items / gridDim.x);
   const int end = kSynced ? num_items : (int)((int64_t)(blockIdx.x + 1) * num_items / gridDim.x);
   if (begin >= end) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const uint32_t k_lane = KRowOffset(lane), v_lane = VRowOffset(lane);
 
-  const int log2_heads = __ffs(p.dim / kHeadDim) - 1;
   int index = begin, st = 0;
   Item it = DecodeItem(p, index, log2_heads);
   if constexpr (!kSynced) WaitForPredecessor();
@@ -196,7 +207,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     // The next step: the next stage of this item, or the first of the next item.
     int next_index = index, next_st = st + 1;
     if (next_st * kStageKeys >= it.num_keys) {
-      next_index = index + (kSynced ? static_cast<int>(gridDim.x) : 1);
+      next_index = index + 1;
+      if (kSynced && (next_index & ((1 << chunk_log2) - 1)) == 0) {  // the chunk's end
+        next_index += ((int)gridDim.x - 1) << chunk_log2;
+      }
       next_st = 0;
     }
     const bool has_next = next_index < end;
@@ -349,8 +363,10 @@ absl::Status LaunchPersistent(const AttentionParams& params, cudaStream_t stream
     per_sm = max(per_sm, 1);
     ctas_per_sm.store(per_sm, std::memory_order_relaxed);
   }
-  const int items = params.num_tiles * (params.dim / kHeadDim);
-  const int grid = min(items, per_sm * params.num_sms);
+  const int heads = params.dim / kHeadDim;
+  const int items = params.num_tiles * heads;
+  const int chunks = kSynced ? items >> SyncChunkLog2(__builtin_ctz(heads)) : items;
+  const int grid = min(chunks, per_sm * params.num_sms);
   CUDA_RETURN_IF_ERROR(
       LaunchPdl(kernel, dim3(grid), dim3(kWarps * 32), kSmem, stream, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());

@@ -202,11 +202,11 @@ struct AttentionParams {
   // read more samples' keys at once: at B = 512 on an H100, four were 20 % slower.)
   bool keys_fit_l2;
   bool head_major;  // as RowParams::head_major (the persistent bf16 kernel only)
-  // Per-sample sync (the persistent bf16 kernel; RowParams::sample_sync): each CTA takes items
-  // blockIdx.x, + gridDim.x, ... (every CTA walks the samples in order, as the row kernels'
-  // rounds do), an item first waits until rows_done[sample] reaches AttnTile::rows_target, and
-  // each CTA adds one to items_done[sample] per finished item. Null: contiguous ranges after
-  // the whole previous kernel.
+  // Per-sample sync (the persistent bf16 kernel; RowParams::sample_sync): each CTA takes chunks of
+  // H / 2 consecutive items (one tile, half its heads), chunks blockIdx.x, + gridDim.x, ... (every
+  // CTA walks the samples in order, as the row kernels' rounds do); a chunk first waits until
+  // rows_done[sample] reaches AttnTile::rows_target, and each CTA adds one to items_done[sample]
+  // per finished item. Null: contiguous ranges after the whole previous kernel.
   const unsigned* rows_done;
   unsigned* items_done;
 };
