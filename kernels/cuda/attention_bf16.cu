@@ -39,7 +39,8 @@ struct StageBuffers {
   bf16 v[kBufs][kStageKeys * kBf16RowStride];
   uint64_t full[kBufs];   // three buffers only
   uint64_t empty[kBufs];
-  // Per-sample sync: the item whose last stage a buffer held, not yet counted (-1: none).
+  // Per-sample sync: the last item of the chunk whose last stage a buffer held, not yet counted
+  // (-1: none, or the buffer held another stage or item).
   int done_item[kBufs];
 };
 
@@ -76,10 +77,10 @@ __device__ __forceinline__ Item DecodeItem(const AttentionParams& p, int index, 
 }
 
 // Per-sample sync: a CTA takes half of a tile's heads (H / 2 consecutive items) at a time, so that
-// it loads the tile's fields and waits for its sample's rows once per chunk rather than once per
-// item, while each sample is still spread over two CTAs that finish it at about the same time.
-// H100, bf16 B = 256, four calls: 0.9-1.4 % less time than one item at a time (docs/BENCHMARKS.md,
-// eleventh round).
+// it loads the tile's fields, waits for its sample's rows and counts the items done (a memory
+// barrier) once per chunk rather than once per item, while each sample is still spread over two
+// CTAs that finish it at about the same time. H100, bf16 B = 256: the chunks took 0.9-1.4 % off
+// in four calls, the one count per chunk another 1.7 % (docs/BENCHMARKS.md, eleventh round).
 __host__ __device__ constexpr int SyncChunkLog2(int log2_heads) {
   return log2_heads > 0 ? log2_heads - 1 : 0;
 }
@@ -168,14 +169,15 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     }
     __syncthreads();
   }
-  // Per-sample sync, thread 0 only: counts the item whose last stage buffer `b` held, once every
+  // Per-sample sync, thread 0 only: counts the chunk whose last stage buffer `b` held, once every
   // thread has arrived on the buffer's `empty` barrier after its stores (the release at GPU scope
-  // then covers them all). One count per item and CTA: releases by every warp (a memory barrier
-  // each) or by every thread were slower than the whole kernel's wait.
+  // then covers them all, and the chunk's earlier items too). One count per chunk and CTA:
+  // releases by every warp (a memory barrier each) or by every thread were slower than the whole
+  // kernel's wait.
   auto signal_buffer = [&](int b) {
     const int done = sb.done_item[b];
     if (done >= 0) {
-      AddRelease(p.items_done + __ldg(&p.tiles[done >> log2_heads].sample));
+      AddRelease(p.items_done + __ldg(&p.tiles[done >> log2_heads].sample), 1u << chunk_log2);
       sb.done_item[b] = -1;
     }
   };
@@ -334,7 +336,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       // This thread's reads of `buf` are done. (Without the __syncwarp, which orders nothing
       // here, ptxas spills 376 bytes instead of 168. With one arrival per warp after it,
       // racecheck reported each refill against the other lanes' reads.)
-      if (kSynced && threadIdx.x == 0) sb.done_item[buf] = last_stage ? index : -1;
+      if (kSynced && threadIdx.x == 0) {
+        const bool chunk_done = last_stage && ((index + 1) & ((1 << chunk_log2) - 1)) == 0;
+        sb.done_item[buf] = chunk_done ? index : -1;
+      }
       __syncwarp();
       MbarrierArrive(&sb.empty[buf]);
     }

@@ -205,8 +205,9 @@ struct AttentionParams {
   // Per-sample sync (the persistent bf16 kernel; RowParams::sample_sync): each CTA takes chunks of
   // H / 2 consecutive items (one tile, half its heads), chunks blockIdx.x, + gridDim.x, ... (every
   // CTA walks the samples in order, as the row kernels' rounds do); a chunk first waits until
-  // rows_done[sample] reaches AttnTile::rows_target, and each CTA adds one to items_done[sample]
-  // per finished item. Null: contiguous ranges after the whole previous kernel.
+  // rows_done[sample] reaches AttnTile::rows_target, and each CTA adds the chunk's H / 2 items to
+  // items_done[sample] once it has finished them. Null: contiguous ranges after the whole previous
+  // kernel.
   const unsigned* rows_done;
   unsigned* items_done;
 };

@@ -268,8 +268,8 @@ __device__ __forceinline__ void WaitForPredecessor() {
 // producer's threads order their stores before one thread's release-add (a barrier between), and
 // the consumer's loads come after an acquire (one thread's and then a barrier, or each thread's
 // own).
-__device__ __forceinline__ void AddRelease(unsigned* counter) {
-  asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
+__device__ __forceinline__ void AddRelease(unsigned* counter, unsigned n = 1) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" ::"l"(counter), "r"(n) : "memory");
 }
 __device__ __forceinline__ void WaitUntilAtLeast(const unsigned* counter, unsigned target) {
   while (true) {
