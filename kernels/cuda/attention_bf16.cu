@@ -148,6 +148,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const int log2_heads = __ffs(p.dim / kHeadDim) - 1;
   // Contiguous ranges, or with per-sample sync every gridDim.x-th chunk (AttentionParams).
   const int chunk_log2 = kSynced ? SyncChunkLog2(log2_heads) : 0;
+  const int chunk_mask = (1 << chunk_log2) - 1;  // an item's place in its chunk
   const int begin =
       kSynced ? (int)blockIdx.x << chunk_log2 : (int)((int64_t)blockIdx.x * num_items / gridDim.x);
   const int end = kSynced ? num_items : (int)((int64_t)(blockIdx.x + 1) * num_items / gridDim.x);
@@ -210,7 +211,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     int next_index = index, next_st = st + 1;
     if (next_st * kStageKeys >= it.num_keys) {
       next_index = index + 1;
-      if (kSynced && (next_index & ((1 << chunk_log2) - 1)) == 0) {  // the chunk's end
+      if (kSynced && (next_index & chunk_mask) == 0) {  // the chunk's end
         next_index += ((int)gridDim.x - 1) << chunk_log2;
       }
       next_st = 0;
@@ -337,7 +338,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       // here, ptxas spills 376 bytes instead of 168. With one arrival per warp after it,
       // racecheck reported each refill against the other lanes' reads.)
       if (kSynced && threadIdx.x == 0) {
-        const bool chunk_done = last_stage && ((index + 1) & ((1 << chunk_log2) - 1)) == 0;
+        const bool chunk_done = last_stage && (index & chunk_mask) == chunk_mask;
         sb.done_item[buf] = chunk_done ? index : -1;
       }
       __syncwarp();
