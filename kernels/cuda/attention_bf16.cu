@@ -1,9 +1,10 @@
 // Joint attention, bf16, as a persistent kernel: the grid is as many CTAs as fit on the device
 // at once, and each CTA walks a contiguous range of work items (a tile of queries of one sample,
 // one head; under per-sample sync, chunks of them strided over the grid) while the next item's
-// keys and values stream into the next of two or three stage buffers (cp.async). The one-item-per-CTA kernel (attention_kernel.cu) spent most of its time in
-// each CTA's serial start: the tile and sample lookups, the Q loads and the K/V staging before the
-// first MMA (96 us per layer at B = 256 against ~20 us of issued instructions, docs/BENCHMARKS.md).
+// keys and values stream into the next of two or three stage buffers (cp.async). The
+// one-item-per-CTA kernel (attention_kernel.cu) spent most of its time in each CTA's serial
+// start: the tile and sample lookups, the Q loads and the K/V staging before the first MMA (96 us
+// per layer at B = 256 against ~20 us of issued instructions, docs/BENCHMARKS.md).
 //
 // Per item: each warp owns 16 queries and streams every key of the sample (x keys, then context
 // keys) through shared memory in stages of 256, in 64-key score blocks held in registers, with

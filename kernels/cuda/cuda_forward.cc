@@ -261,6 +261,7 @@ class CudaForwardImpl {
       num_attn_tiles = 0;
   int tile_rows = 64, tile_queries = 128, cluster_split = 1;
   bool fused = false;  // the staged batch runs as one launch (fused_forward.cu)
+  bool head_major = false;  // its q/k/v and attention output head by head (RowParams::head_major)
   // The staged batch's row and attention kernels overlap, synchronised per sample
   // (CudaForwardOptions::per_sample_sync) through d_progress: [layer][2][max_batch_size]
   // counters, q/k/v rows done (even) and attention items done (odd).
@@ -649,11 +650,15 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   // clusters of four, 16-query attention) and every cluster fits on the device at once.
   fused = fused_capacity > 0 && tile_rows == 16 && cluster_split == cuda::kClusterSplit &&
           tile_queries == 16 && num_row_tiles <= fused_capacity;
-  // Where the wgmma row kernel and the 256-query persistent attention exchange q/k/v head by
-  // head, and the row kernel has more than three tiles per SM (CudaForwardOptions).
-  sample_sync = d_progress != nullptr && options.per_sample_sync &&
-                options.head_major_attention && options.persistent_attention && tile_rows == 64 &&
-                tile_queries == 256 && !fused && num_row_tiles > 3 * num_sms;
+  // q/k/v and the attention output head by head where the wgmma row kernel (wherever there are
+  // wgmma images and 64-token tiles) and the persistent attention exchange them.
+  head_major = options.head_major_attention && precision == Precision::kBf16 &&
+               options.persistent_attention && tile_queries != 16 && d_wgmma_images != nullptr &&
+               tile_rows == 64 && !fused;
+  // Per-sample sync where they do so with 256-query attention tiles, and the row kernel has more
+  // than three tiles per SM (CudaForwardOptions).
+  sample_sync = head_major && d_progress != nullptr && options.per_sample_sync &&
+                tile_queries == 256 && num_row_tiles > 3 * num_sms;
   auto copy = [&](size_t off, size_t bytes) {
     return cudaMemcpyAsync(dev_io + off, host_io + off, bytes, cudaMemcpyHostToDevice, stream);
   };
@@ -729,11 +734,8 @@ absl::Status CudaForwardImpl::RunStaged() {
   tp.num_sms = num_sms;
   tp.keys_fit_l2 = static_cast<int64_t>(num_tokens) * d * 2 * 2 <= int64_t{l2_bytes} * 3 / 4;
   const bool persistent = precision == Precision::kBf16 && options.persistent_attention;
-  // q/k/v and the attention output head by head where the wgmma row kernel (wherever there are
-  // wgmma images and 64-token tiles) and the persistent attention exchange them.
-  rp.head_major = options.head_major_attention && persistent && tile_queries != 16 &&
-                  d_wgmma_images != nullptr && tile_rows == 64 && !fused;
-  tp.head_major = rp.head_major;
+  rp.head_major = head_major;
+  tp.head_major = head_major;
   const bool bf16_residual = d_act_bf16 != nullptr && tile_rows == 64 &&
                              (options.bf16_residual == 1 || num_row_tiles > 2 * num_sms);
 

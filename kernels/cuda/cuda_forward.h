@@ -71,9 +71,10 @@ struct CudaForwardOptions {
   // shape, from B = 100 on an H100's 132 SMs; at B = 96 it was 3 % slower): consecutive kernels
   // overlap, each waiting per sample for the previous one's work on that sample (counters in
   // global memory) instead of for the whole previous kernel, so that an SM that finishes its
-  // share of one kernel starts on the next. Measured: 0-2 % faster at B = 128 to 512 on H100s
-  // (from call to call), 0-1 % on an H200, 19 % at B = 100 (whose 400 row tiles leave 4 for a
-  // second round); false: each kernel waits for the whole previous one.
+  // share of one kernel starts on the next. Measured on an H100 (docs/BENCHMARKS.md, eleventh
+  // round): 2.7 % faster at B = 256, 3.6 % at B = 128, 5.5 % at B = 512, 18 % at B = 100
+  // (whose 400 row tiles leave 4 for a second round); false: each kernel waits for the whole
+  // previous one.
   bool per_sample_sync = true;
 };
 
