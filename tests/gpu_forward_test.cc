@@ -538,6 +538,56 @@ TEST(GpuForwardTest, Bf16ResidualMatchesReference) {
   EXPECT_EQ(outputs[2], outputs[0]);
 }
 
+// The warpgroup-MMA adaLN against the reference and against the mma.sync kernel: with 2 layers
+// (their outputs then differ by ~3e-4; a product left out would show) at B = 64, where both
+// options run the mma.sync kernel, 65 (the second warpgroup's samples mostly past the batch) and
+// 300 (three sample blocks); with all 12 layers (CTAs with more chunks than stages, so that
+// stages are refilled; the bf16 rounding of 12 layers takes the outputs ~4e-3 apart) at 512.
+// (The option is off by default; this test turns it on.)
+TEST(GpuForwardTest, WgmmaAdaLnMatchesMmaSyncAdaLn) {
+  SKIP_WITHOUT_GPU();
+  cudaDeviceProp prop{};
+  ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
+  const bool hopper = prop.major == 9 && prop.minor == 0;
+  std::mt19937 rng(43);
+  struct Case {
+    int layers, batch;
+    double max_diff;
+  };
+  for (const Case& c : {Case{2, 64, 0.0}, Case{2, 65, 1e-3}, Case{2, 300, 1e-3},
+                        Case{12, 512, 1e-2}}) {
+    MmditConfig config = TargetConfig();
+    config.num_layers = c.layers;
+    const ModelWeights weights = ModelWeights::Deterministic(config, 41);
+    std::vector<std::pair<int, int>> lengths;
+    for (int i = 0; i < c.batch; ++i) {
+      lengths.push_back({std::uniform_int_distribution<int>(1, 24)(rng),
+                         std::uniform_int_distribution<int>(1, 12)(rng)});
+    }
+    std::vector<float> outputs[2];
+    for (bool wgmma : {false, true}) {
+      CudaForwardOptions options;
+      options.max_batch_size = c.batch;
+      options.max_seq_len = 24;
+      options.max_context_len = 12;
+      options.wgmma_adaln = wgmma;
+      auto fwd = CudaForward::Create(weights, options);
+      ASSERT_TRUE(fwd.ok()) << fwd.status();
+      RandomBatch b = testing::MakeRandomBatch(config, lengths, false, 47);
+      b.Poison();
+      ASSERT_TRUE((*fwd)->Run(b.samples).ok());
+      EXPECT_EQ((*fwd)->wgmma_adaln(), wgmma && hopper && c.batch >= 65) << "B = " << c.batch;
+      const double err = CompareWithReference(weights, b, {0, c.batch / 2, c.batch - 1});
+      EXPECT_LE(err, Tolerance(CudaPrecision::kBf16)) << "B = " << c.batch << ", wgmma " << wgmma;
+      outputs[wgmma] = b.AllOutputs();
+    }
+    const double diff = testing::RelativeError(outputs[1], outputs[0]);
+    std::printf("%d layers, B = %d: wgmma against mma.sync adaLN, rel diff %.3g\n", c.layers,
+                c.batch, diff);
+    EXPECT_LE(diff, c.max_diff) << "B = " << c.batch;
+  }
+}
+
 // Per-sample sync changes only when each tile and item runs, not what it computes: its outputs
 // equal those of kernels that wait for each other whole, run after run (the counters start from
 // zero each forward). Enough samples that the attention CTAs take several items each and the

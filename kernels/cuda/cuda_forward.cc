@@ -227,6 +227,10 @@ class CudaForwardImpl {
   // Weights.
   const StreamWeightsDev* d_stream_weights = nullptr;
   const void* d_adaln_w = nullptr;  // bf16: split fragments; fp32: transposed floats
+  // bf16, D = 128 on compute capability 9.0 (CudaForwardOptions::wgmma_adaln): the same weights
+  // as the wgmma adaLN's chunks.
+  bool adaln_images = false;
+  const void* d_adaln_images = nullptr;
   const float* d_adaln_b = nullptr;
   const float2* d_rope = nullptr;
   const void* d_wgmma_images = nullptr;  // bf16, D = 128 on compute capability 9.0
@@ -299,6 +303,8 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   const bool use_wgmma = options.use_wgmma && cc_major == 9 && cc_minor == 0 &&
               precision == Precision::kBf16 && d == 128 && f % cuda::kWgmmaHidden == 0 &&
               f <= cuda::kWgmmaMaxDimFF;
+  adaln_images = options.wgmma_adaln && cc_major == 9 && cc_minor == 0 &&
+                 precision == Precision::kBf16 && d == 128;
   std::vector<uint16_t> wgmma_images;
   // The largest |weight| of the q and k RMSNorms over each head's features, both streams.
   const int heads = d / cuda::kHeadDim;
@@ -344,9 +350,10 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
       std::copy(w.adaln_b.begin(), w.adaln_b.end(), adaln_b.begin() + (2 * l + s) * 6 * d);
     }
   }
-  // adaLN: bf16 takes all layers' weights as one [N * 2 * 6D][D] matrix in fragment order,
-  // split into bf16 hi and lo parts (hi fragments, then lo); fp32 the transposed float copy.
-  size_t off_adaln_wt = 0;
+  // adaLN: bf16 takes all layers' weights as one [N * 2 * 6D][D] matrix split into bf16 hi and
+  // lo parts, in fragment order (hi fragments, then lo) and, for the wgmma kernel, as its chunks
+  // (each kAdaLnChunkColumns rows' hi image, lo image and bias); fp32 the transposed float copy.
+  size_t off_adaln_wt = 0, off_adaln_images = 0;
   if (precision == Precision::kBf16) {
     std::vector<float> hi, lo;
     hi.reserve(static_cast<size_t>(2 * n) * 6 * d * d);
@@ -357,6 +364,23 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
           lo.push_back(v - hi.back());
         }
       }
+    }
+    if (adaln_images) {  // for batches from kAdaLnWgmmaMinBatch; the fragments below for the rest
+      const int chunks = 2 * n * 6 * d / cuda::kAdaLnChunkColumns;
+      std::vector<uint16_t> images;
+      images.reserve(static_cast<size_t>(chunks) * cuda::kAdaLnChunkBytes / 2);
+      for (int c = 0; c < chunks; ++c) {
+        const int col0 = c * cuda::kAdaLnChunkColumns;
+        for (const std::vector<float>* part : {&hi, &lo}) {
+          PackWgmmaB(cuda::kAdaLnChunkColumns, d, [&](int r, int k) {
+            return (*part)[static_cast<size_t>(col0 + r) * d + k];
+          }, images);
+        }
+        const size_t at = images.size();
+        images.resize(at + cuda::kAdaLnChunkColumns * 2);
+        std::memcpy(images.data() + at, adaln_b.data() + col0, cuda::kAdaLnChunkColumns * 4);
+      }
+      off_adaln_images = blob.Add(images.data(), images.size() * 2);
     }
     std::vector<uint8_t> frags = PackFragments(hi, 2 * n * 6 * d, d, precision);
     const std::vector<uint8_t> lo_frags = PackFragments(lo, 2 * n * 6 * d, d, precision);
@@ -414,6 +438,7 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   d_stream_weights = reinterpret_cast<const StreamWeightsDev*>(base + off_streams);
   if (use_wgmma) d_wgmma_images = base + off_wgmma;
   d_adaln_w = base + off_adaln_wt;
+  if (adaln_images) d_adaln_images = base + off_adaln_images;
   d_adaln_b = reinterpret_cast<const float*>(base + off_adaln_b);
   {
     // RoPE (cos, sin) for every position the config allows: the angle in float32 as the
@@ -690,6 +715,8 @@ absl::Status CudaForwardImpl::RunStaged() {
   ap.y = reinterpret_cast<const float*>(dev_io + off_y);
   ap.w_t = precision == Precision::kFp32 ? static_cast<const float*>(d_adaln_w) : nullptr;
   ap.w_frag = precision == Precision::kBf16 ? d_adaln_w : nullptr;
+  ap.w_images = d_adaln_images;
+  ap.num_sms = num_sms;
   ap.b = d_adaln_b;
   ap.mod = d_mod;
   ap.batch = batch;
@@ -965,6 +992,9 @@ int CudaForward::row_cluster_split() const { return impl_->cluster_split; }
 int CudaForward::tile_queries() const { return impl_->tile_queries; }
 bool CudaForward::fused() const { return impl_->fused; }
 bool CudaForward::per_sample_sync() const { return impl_->sample_sync; }
+bool CudaForward::wgmma_adaln() const {
+  return impl_->adaln_images && impl_->batch >= cuda::kAdaLnWgmmaMinBatch;
+}
 int CudaForward::bounded_score_layers() const {
   return static_cast<int>(
       std::count(impl_->scores_bounded.begin(), impl_->scores_bounded.end(), true));

@@ -37,6 +37,13 @@ struct CudaForwardOptions {
   // bf16 with D = 128 on compute capability 9.0: 64-token row tiles on the warpgroup-MMA row
   // kernel (row_kernel_wgmma.cu); false: the mma.sync kernel (for comparisons).
   bool use_wgmma = true;
+  // bf16 with D = 128 on compute capability 9.0, batches of 65 samples and more: the adaLN on
+  // warpgroup MMAs with its weights streamed through shared memory (adaln_wgmma.cu). Off by
+  // default: on an H100 the kernel takes 17 against 26 us at B = 256, but the forward measured
+  // the same within its run-to-run spread (0.6 % faster at B = 100), and compute-sanitizer's
+  // racecheck reports a hazard between a stage's refill and the products' reads of it
+  // (docs/BENCHMARKS.md, twelfth round). Smaller batches always take the mma.sync kernel.
+  bool wgmma_adaln = false;
   // bf16: the persistent attention kernel (attention_bf16.cu); false: one CTA per item.
   bool persistent_attention = true;
   // CTAs per 16-token row tile on compute capability 9.0 and up: 0 picks by batch size, 1 one
@@ -116,6 +123,8 @@ class CudaForward {
   // Whether the staged batch's kernels overlap with per-sample sync
   // (CudaForwardOptions::per_sample_sync).
   bool per_sample_sync() const;
+  // Whether the adaLN runs on the warpgroup-MMA kernel (CudaForwardOptions::wgmma_adaln).
+  bool wgmma_adaln() const;
   // Layers whose attention takes exp2 of the scores without a running maximum
   // (CudaForwardOptions::static_softmax_offsets; the one-launch forward keeps the maximum).
   int bounded_score_layers() const;

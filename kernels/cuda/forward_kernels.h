@@ -123,6 +123,9 @@ struct AdaLnParams {
   const float* w_t;      // [N][2][D][6D]: transposed so that threads read along 6D (fp32)
   const void* w_frag;    // bf16: the same as [N * 2 * 6D][D] bf16 hi then lo parts, in mma
                          // fragment order; null: fp32
+  const void* w_images;  // bf16, D = 128 on compute capability 9.0, or null: the same matrix as
+                         // wgmma images and the bias, kAdaLnChunkBytes per kAdaLnChunkColumns
+                         // outputs, taken from kAdaLnWgmmaMinBatch samples on
   const float* b;        // [N][2][6D]
   float* mod;            // [B][N][2][6D]
   unsigned* progress;    // where set (bf16), zeroed: the per-sample sync counters of the forward
@@ -130,7 +133,16 @@ struct AdaLnParams {
   int batch;
   int dim;
   int num_layers;
+  int num_sms;  // w_images: the grid is about one CTA per SM
 };
+// The wgmma adaLN's weight chunks (adaln_wgmma.cu): 64 output columns' B images over D = 128,
+// bf16 hi then lo, then the columns' bias (fp32).
+inline constexpr int kAdaLnChunkColumns = 64;
+inline constexpr int kAdaLnChunkBytes = 2 * kAdaLnChunkColumns * 128 * 2 + kAdaLnChunkColumns * 4;
+// Below this batch the mma.sync adaLN runs even where the wgmma one could: one 64-sample block
+// leaves the wgmma kernel's second warpgroup idle, and at B = 1 it took 9.5 us against 6.9
+// (Nsight, H100); at B = 64 the forward took the same time with either.
+inline constexpr int kAdaLnWgmmaMinBatch = 65;
 
 // The row-local part of layers: for each tile of one stream of one sample, optionally the end of
 // layer `post_layer` (output projection + RMSNorm + gated residual, modulated LN + MLP + gated
@@ -253,6 +265,8 @@ cudaError_t LaunchPdl(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem
 }
 
 absl::Status LaunchAdaLn(const AdaLnParams& params, cudaStream_t stream);
+// bf16, D = 128, compute capability 9.0: AdaLnParams::w_images (adaln_wgmma.cu).
+absl::Status LaunchAdaLnWgmma(const AdaLnParams& params, cudaStream_t stream);
 absl::Status LaunchRow(const RowParams& params, Precision precision, int dim, int tile_rows,
                        cudaStream_t stream);
 absl::Status LaunchRowWgmma(const RowParams& params, cudaStream_t stream);

@@ -173,6 +173,10 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (const char* v = std::getenv("MMDIT_BENCH_PERSISTENT_ATTENTION")) {
         fo.persistent_attention = std::atoi(v) != 0;
       }
+      // 1: the warpgroup-MMA adaLN from B = 65 (CudaForwardOptions::wgmma_adaln).
+      if (const char* v = std::getenv("MMDIT_BENCH_WGMMA_ADALN")) {
+        fo.wgmma_adaln = std::atoi(v) != 0;
+      }
       // 1: the one-launch forward for the batches it takes (CudaForwardOptions::fused_forward).
       if (const char* v = std::getenv("MMDIT_BENCH_FUSED")) fo.fused_forward = std::atoi(v) != 0;
       // 0: a running softmax maximum everywhere (CudaForwardOptions::static_softmax_offsets).
