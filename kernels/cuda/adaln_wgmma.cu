@@ -42,22 +42,6 @@ constexpr size_t kSmemBytes = size_t{kStages} * kAdaLnChunkBytes + 2 * sizeof(ui
 
 __device__ __forceinline__ float SiluFast(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
 
-__device__ __forceinline__ void BulkLoad(void* dst, const void* src, unsigned bytes,
-                                         uint64_t* bar) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
-               "r"(bytes)
-               : "memory");
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-          "r"(SmemAddr(dst)),
-      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
-      : "memory");
-}
-
-__device__ __forceinline__ void MbarrierArrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
-}
-
 // Row stride of the y rows staged in shared memory: 136 floats puts the 8 rows of a quad's
 // 8-byte reads in different banks.
 constexpr int kYStride = kD + 8;

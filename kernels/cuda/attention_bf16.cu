@@ -51,9 +51,6 @@ __device__ __forceinline__ void CpAsyncArriveOn(uint64_t* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(SmemAddr(bar))
                : "memory");
 }
-__device__ __forceinline__ void MbarrierArrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
-}
 // Three for 256-query tiles (two CTAs per SM, 2 x 72 KB). On an H100 at B = 256 (docs/
 // BENCHMARKS.md, eighth round): one CTA barrier per step instead of two, attention 65.4 -> 63.8
 // us; none, with the mbarriers, the whole forward 1.627 -> 1.587 ms. Four 128-query CTAs per SM

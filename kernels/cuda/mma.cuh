@@ -223,11 +223,7 @@ __device__ __forceinline__ void CpAsyncCommit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
-// Programmatic dependent launch: kernels are launched so that they may start while the previous
-// kernel of the stream finishes. Each kernel lets its successor launch at once, does its
-// prologue on read-only data (tiles, sample table, weights), then waits for its predecessor to
-// complete before it touches any activation buffer (read or write).
-// mbarriers (the wgmma row kernel's weight ring).
+// mbarriers and bulk copies (the wgmma kernels' weight rings).
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -257,6 +253,27 @@ __device__ __forceinline__ void MbarrierWait(uint64_t* bar, unsigned parity) {
   }
 }
 
+// One bulk copy global -> shared that completes the current phase of `bar`.
+__device__ __forceinline__ void BulkLoad(void* dst, const void* src, unsigned bytes,
+                                         uint64_t* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(SmemAddr(dst)),
+      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ void MbarrierArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
+}
+
+// Programmatic dependent launch: kernels are launched so that they may start while the previous
+// kernel of the stream finishes. Each kernel lets its successor launch at once, does its
+// prologue on read-only data (tiles, sample table, weights), then waits for its predecessor to
+// complete before it touches any activation buffer (read or write).
 __device__ __forceinline__ void LaunchDependents() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }

@@ -56,19 +56,6 @@ size_t SmemBytes(int dim_ff) {
   return kVectorsOffset + sizeof(float) * (2 * (kUpB + dim_ff) + kWarpgroups * kModFloats);
 }
 
-// One bulk copy global -> shared that completes the current phase of `bar`.
-__device__ __forceinline__ void BulkLoad(void* dst, const void* src, unsigned bytes,
-                                         uint64_t* bar) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
-               "r"(bytes)
-               : "memory");
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-          "r"(SmemAddr(dst)),
-      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
-      : "memory");
-}
-
 // Elements 8j + 2t, 8j + 2t + 1 of a vector in shared memory, for accumulator tile j of lane t.
 // Model-dim vectors are stored in the kernel's feature order (WgmmaFeature): in natural order
 // the lanes of a quad would read 4 features apart, two of them in one bank.
