@@ -227,9 +227,8 @@ class CudaForwardImpl {
   // Weights.
   const StreamWeightsDev* d_stream_weights = nullptr;
   const void* d_adaln_w = nullptr;  // bf16: split fragments; fp32: transposed floats
-  // bf16, D = 128 on compute capability 9.0 (CudaForwardOptions::wgmma_adaln): the same weights
-  // as the wgmma adaLN's chunks.
-  bool adaln_images = false;
+  // bf16, D = 128 on compute capability 9.0 (CudaForwardOptions::wgmma_adaln), or null: the same
+  // weights as the wgmma adaLN's chunks.
   const void* d_adaln_images = nullptr;
   const float* d_adaln_b = nullptr;
   const float2* d_rope = nullptr;
@@ -303,8 +302,8 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   const bool use_wgmma = options.use_wgmma && cc_major == 9 && cc_minor == 0 &&
               precision == Precision::kBf16 && d == 128 && f % cuda::kWgmmaHidden == 0 &&
               f <= cuda::kWgmmaMaxDimFF;
-  adaln_images = options.wgmma_adaln && cc_major == 9 && cc_minor == 0 &&
-                 precision == Precision::kBf16 && d == 128;
+  const bool adaln_images = options.wgmma_adaln && cc_major == 9 && cc_minor == 0 &&
+              precision == Precision::kBf16 && d == 128;
   std::vector<uint16_t> wgmma_images;
   // The largest |weight| of the q and k RMSNorms over each head's features, both streams.
   const int heads = d / cuda::kHeadDim;
@@ -993,7 +992,7 @@ int CudaForward::tile_queries() const { return impl_->tile_queries; }
 bool CudaForward::fused() const { return impl_->fused; }
 bool CudaForward::per_sample_sync() const { return impl_->sample_sync; }
 bool CudaForward::wgmma_adaln() const {
-  return impl_->adaln_images && impl_->batch >= cuda::kAdaLnWgmmaMinBatch;
+  return impl_->d_adaln_images != nullptr && impl_->batch >= cuda::kAdaLnWgmmaMinBatch;
 }
 int CudaForward::bounded_score_layers() const {
   return static_cast<int>(
