@@ -40,7 +40,7 @@ struct CudaForwardOptions {
   // bf16 with D = 128 on compute capability 9.0, batches of 65 samples and more: the adaLN on
   // warpgroup MMAs with its weights streamed through shared memory (adaln_wgmma.cu). Off by
   // default: on an H100 the kernel takes 17 against 26 us at B = 256, but the forward measured
-  // the same within its run-to-run spread (0.6 % faster at B = 100), and compute-sanitizer's
+  // the same within its run-to-run spread (0.8 % faster at B = 100), and compute-sanitizer's
   // racecheck reports a hazard between a stage's refill and the products' reads of it
   // (docs/BENCHMARKS.md, twelfth round). Smaller batches always take the mma.sync kernel.
   bool wgmma_adaln = false;
