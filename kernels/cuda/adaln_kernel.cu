@@ -18,13 +18,6 @@ namespace mmdit {
 namespace cuda {
 namespace {
 
-// silu(x) = x / (1 + e^-x) with the MUFU's exp2 and reciprocal: relative error ~1e-6, below the
-// ~16 bits that the hi/lo split keeps. Every column CTA computes the SiLU of its samples, and with
-// expf and an IEEE division that was, by an estimate from the source, about half of the kernel's
-// instructions (Nsight at B = 256: 34 us, a third of the stalls on fixed-latency chains). Very
-// negative finite x gives -0.
-__device__ __forceinline__ float SiluFast(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
-
 constexpr int kMmaSamples = 64;   // samples per CTA: 4 m16 tiles
 constexpr int kMmaColumns = 128;  // outputs per CTA: 8 warps x 16
 constexpr int kMmaThreads = 256;
@@ -75,10 +68,8 @@ __global__ void __launch_bounds__(kMmaThreads) AdaLnMmaKernel(const AdaLnParams 
     const float in[4] = {y[j].x, y[j].y, y[j].z, y[j].w};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float v = s < ns ? SiluFast(in[e]) : 0.0f;
-      const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-      as[0][s * kAs + k + e] = hi;
-      as[1][s * kAs + k + e] = __float2bfloat16_rn(v - __bfloat162float(hi));
+      // Every column CTA computes the SiLU of its samples (SiluFast, mma.cuh).
+      SplitBf16(s < ns ? SiluFast(in[e]) : 0.0f, as[0][s * kAs + k + e], as[1][s * kAs + k + e]);
     }
   }
   __syncthreads();

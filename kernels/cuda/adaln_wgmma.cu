@@ -40,8 +40,6 @@ constexpr int kThreads = 128 * kWgs;
 constexpr int kStages = 6;
 constexpr size_t kSmemBytes = size_t{kStages} * kAdaLnChunkBytes + 2 * sizeof(uint64_t) * kStages;
 
-__device__ __forceinline__ float SiluFast(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
-
 // Row stride of the y rows staged in shared memory: 136 floats puts the 8 rows of a quad's
 // 8-byte reads in different banks.
 constexpr int kYStride = kD + 8;
@@ -61,12 +59,9 @@ __device__ __forceinline__ void SiluFragments(const float* ys, bool valid0, bool
                              : make_float2(0.0f, 0.0f);
       const float s0 = valid ? SiluFast(v.x) : 0.0f;
       const float s1 = valid ? SiluFast(v.y) : 0.0f;
-      const __nv_bfloat16 h0 = __float2bfloat16_rn(s0), h1 = __float2bfloat16_rn(s1);
       __nv_bfloat162 hi, lo;
-      hi.x = h0;
-      hi.y = h1;
-      lo.x = __float2bfloat16_rn(s0 - __bfloat162float(h0));
-      lo.y = __float2bfloat16_rn(s1 - __bfloat162float(h1));
+      SplitBf16(s0, hi.x, lo.x);
+      SplitBf16(s1, hi.y, lo.y);
       a_hi[ks][e] = *reinterpret_cast<uint32_t*>(&hi);
       a_lo[ks][e] = *reinterpret_cast<uint32_t*>(&lo);
     }

@@ -85,6 +85,19 @@ __device__ __forceinline__ void SplitTf32(float x, uint32_t& hi, uint32_t& lo) {
   lo = Tf32Low(hi);
 }
 
+// x = hi + lo as two bf16 (about 16 bits of x), for products split into three bf16 MMAs
+// (a_lo b_hi + a_hi b_lo + a_hi b_hi: the adaLN kernels).
+__device__ __forceinline__ void SplitBf16(float x, __nv_bfloat16& hi, __nv_bfloat16& lo) {
+  hi = __float2bfloat16_rn(x);
+  lo = __float2bfloat16_rn(x - __bfloat162float(hi));
+}
+
+// silu(x) = x / (1 + e^-x) with the MUFU's exp2 and reciprocal: relative error ~1e-6, below the
+// ~16 bits that SplitBf16 keeps. With expf and an IEEE division the adaLN's SiLU was, by an
+// estimate from the source, about half of the mma.sync kernel's instructions (Nsight at
+// B = 256: 34 us, a third of the stalls on fixed-latency chains). Very negative finite x gives -0.
+__device__ __forceinline__ float SiluFast(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
+
 // c += a * b with a, b given as fp32 values, 3xTF32.
 __device__ __forceinline__ void Mma3xTf32(float (&c)[4], const uint32_t (&ahi)[4],
                                           const uint32_t (&alo)[4], uint32_t bhi0, uint32_t bhi1,
