@@ -543,7 +543,7 @@ TEST(GpuForwardTest, Bf16ResidualMatchesReference) {
 // options run the mma.sync kernel, 65 (the second warpgroup's samples mostly past the batch) and
 // 300 (three sample blocks); with all 12 layers (CTAs with more chunks than stages, so that
 // stages are refilled; the bf16 rounding of 12 layers takes the outputs ~4e-3 apart) at 512.
-// (The option is off by default; this test turns it on.)
+// (It is one of the cases compute-sanitizer's racecheck runs on: docs/BENCHMARKS.md.)
 TEST(GpuForwardTest, WgmmaAdaLnMatchesMmaSyncAdaLn) {
   SKIP_WITHOUT_GPU();
   cudaDeviceProp prop{};

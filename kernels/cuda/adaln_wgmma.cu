@@ -38,7 +38,9 @@ constexpr int kStepBytes = kAdaLnChunkColumns * 16 * 2;  // one k16 step of an i
 constexpr int kWgs = 2;
 constexpr int kThreads = 128 * kWgs;
 constexpr int kStages = 6;
-constexpr size_t kSmemBytes = size_t{kStages} * kAdaLnChunkBytes + 2 * sizeof(uint64_t) * kStages;
+// After the stages: their `full` mbarriers, then their release counters.
+constexpr size_t kSmemBytes =
+    size_t{kStages} * kAdaLnChunkBytes + (sizeof(uint64_t) + sizeof(unsigned)) * kStages;
 
 // Row stride of the y rows staged in shared memory: 136 floats puts the 8 rows of a quad's
 // 8-byte reads in different banks.
@@ -70,7 +72,11 @@ __device__ __forceinline__ void SiluFragments(const float* ys, bool valid0, bool
 __global__ void __launch_bounds__(kThreads, 1) AdaLnWgmmaKernel(const AdaLnParams p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + size_t{kStages} * kAdaLnChunkBytes);
-  uint64_t* empty = full + kStages;
+  unsigned* released = reinterpret_cast<unsigned*>(full + kStages);
+  // The first row kernel's launch may start now: it waits for this grid's completion before it
+  // reads the modulation, and its CTAs cannot share an SM with this one's shared memory anyway,
+  // so they only take the SMs this grid leaves.
+  LaunchDependents();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (p.progress != nullptr) {  // the forward's first kernel: every later one runs after it
     const int threads = gridDim.x * blockDim.x;
@@ -100,11 +106,28 @@ __global__ void __launch_bounds__(kThreads, 1) AdaLnWgmmaKernel(const AdaLnParam
     CpAsync16OrZero(ys + row * kYStride + 4 * q, p.y + (size_t)(row0 + row) * kD + 4 * q, true);
   }
   CpAsyncCommit();
+  const uint8_t* images = static_cast<const uint8_t*>(p.w_images);
+  // The bias of a chunk is read from the images in global memory one chunk ahead, not from the
+  // stage: the stages are then read by the MMAs alone. (Read from the stage, compute-sanitizer's
+  // racecheck reported the bias reads against the refilling bulk copy, with the refill ordered
+  // after them by an mbarrier or by counted releases alike.)
+  // bias[j] is columns 8j + 2t and 8j + 2t + 1 of the chunk.
+  auto load_bias = [&](int i, float2(&bias)[kAdaLnChunkColumns / 8]) {
+    const float* src = reinterpret_cast<const float*>(
+        images + static_cast<size_t>(c0 + i) * kAdaLnChunkBytes + 2 * kImageBytes);
+#pragma unroll
+    for (int j = 0; j < kAdaLnChunkColumns / 8; ++j) {
+      bias[j] = __ldg(reinterpret_cast<const float2*>(src + 8 * j + 2 * t));
+    }
+  };
+  // The first chunk's bias is loaded with y, ahead of the bulk copies.
+  float2 next_bias[kAdaLnChunkColumns / 8];
+  if (c1 > c0) load_bias(0, next_bias);
   asm volatile("cp.async.wait_all;\n" ::: "memory");
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       MbarrierInit(&full[s], 1);
-      MbarrierInit(&empty[s], 4 * kWgs);  // one arrival per warp
+      released[s] = 0;
     }
     FenceMbarrierInit();
   }
@@ -113,12 +136,11 @@ __global__ void __launch_bounds__(kThreads, 1) AdaLnWgmmaKernel(const AdaLnParam
   SiluFragments(ys + r * kYStride, r < rows, r + 8 < rows, t, a_hi, a_lo);
   __syncthreads();  // the staged rows are read: their space is the stages' from here
 
-  // Thread 0 issues the copies: the first kStages here, each later one once every warp is done
-  // with the chunk before it in that stage (below). A producer warp of its own would make nine
+  // Thread 0 issues the first kStages copies; each later one is issued by the last warp to
+  // release the stage's previous chunk (below). A producer warp of its own would make nine
   // warps, three on some schedulers, and cap the registers at 168 (the three accumulators spilled).
-  const uint8_t* images = static_cast<const uint8_t*>(p.w_images);
   auto issue = [&](int i) {
-    BulkLoad(smem + size_t{i % kStages} * kAdaLnChunkBytes,
+    BulkLoad(smem + static_cast<size_t>(i % kStages) * kAdaLnChunkBytes,
              images + size_t(c0 + i) * kAdaLnChunkBytes, kAdaLnChunkBytes, &full[i % kStages]);
   };
   if (threadIdx.x == 0) {
@@ -127,8 +149,12 @@ __global__ void __launch_bounds__(kThreads, 1) AdaLnWgmmaKernel(const AdaLnParam
 
   for (int i = 0; i < c1 - c0; ++i) {
     const int chunk = c0 + i;
+    float2 bias[kAdaLnChunkColumns / 8];
+#pragma unroll
+    for (int j = 0; j < kAdaLnChunkColumns / 8; ++j) bias[j] = next_bias[j];
+    if (i + 1 < c1 - c0) load_bias(i + 1, next_bias);
     const int s = i % kStages;
-    const uint8_t* stage = smem + size_t{s} * kAdaLnChunkBytes;
+    const uint8_t* stage = smem + static_cast<size_t>(s) * kAdaLnChunkBytes;
     MbarrierWait(&full[s], (i / kStages) & 1);
     // One accumulator per product, so that three chains of eight wgmmas overlap: one chain of
     // 24 took ~1.2 us per chunk, each N = 64 product waiting for the one before.
@@ -150,31 +176,31 @@ __global__ void __launch_bounds__(kThreads, 1) AdaLnWgmmaKernel(const AdaLnParam
     FenceRegs(acc[2]);
     FenceRegs(a_hi);
     FenceRegs(a_lo);
-    // out = bias + (the small terms first, as the mma.sync kernel) + hi x hi; the bias comes
-    // with the chunk (a global load here would wait behind the stages in flight). acc[.][4j + e]
-    // is column 8j + 2t + (e & 1).
-    const float* bias = reinterpret_cast<const float*>(stage + 2 * kImageBytes);
+    // out = bias + (the small terms first, as the mma.sync kernel) + hi x hi; acc[.][4j + e] is
+    // column 8j + 2t + (e & 1).
     float out[kAdaLnChunkColumns / 2];
 #pragma unroll
     for (int j = 0; j < kAdaLnChunkColumns / 8; ++j) {
-      const float2 b = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * t);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         out[4 * j + e] = (acc[0][4 * j + e] + acc[1][4 * j + e]) + acc[2][4 * j + e] +
-                         ((e & 1) ? b.y : b.x);
+                         ((e & 1) ? bias[j].y : bias[j].x);
       }
     }
+    // The warp is done with the stage (its wgmma reads waited for): it counts itself out, and
+    // the last of the CTA's warps refills the stage, as the row kernel's ring does.
     __syncwarp();
-    if (lane == 0) MbarrierArrive(&empty[s]);
-    if (threadIdx.x == 0 && i + kStages < c1 - c0) {
-      MbarrierWait(&empty[s], (i / kStages) & 1);
-      // The warps' reads of the stage (the bias) before the bulk copy's writes into it.
-      // compute-sanitizer's racecheck still reports a hazard between this copy and the products'
-      // reads of the stage's previous chunk, which is why CudaForwardOptions::wgmma_adaln is off
-      // by default. Candidates: the release counted with shared-memory atomics, the last warp
-      // issuing the copy (as the row kernel's ring does), or runs that never refill a stage.
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      issue(i + kStages);
+    if (lane == 0) {
+      const unsigned target = static_cast<unsigned>(i / kStages + 1) * (kThreads / 32);
+      unsigned before;
+      asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
+                   : "=r"(before)
+                   : "r"(SmemAddr(&released[s]))
+                   : "memory");
+      if (before + 1 == target && i + kStages < c1 - c0) {
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        issue(i + kStages);
+      }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

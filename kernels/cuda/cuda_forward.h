@@ -38,12 +38,11 @@ struct CudaForwardOptions {
   // kernel (row_kernel_wgmma.cu); false: the mma.sync kernel (for comparisons).
   bool use_wgmma = true;
   // bf16 with D = 128 on compute capability 9.0, batches of 65 samples and more: the adaLN on
-  // warpgroup MMAs with its weights streamed through shared memory (adaln_wgmma.cu). Off by
-  // default: on an H100 the kernel takes 17 against 26 us at B = 256, but the forward measured
-  // the same within its run-to-run spread (0.8 % faster at B = 100), and compute-sanitizer's
-  // racecheck reports a hazard between a stage's refill and the products' reads of it
-  // (docs/BENCHMARKS.md, twelfth round). Smaller batches always take the mma.sync kernel.
-  bool wgmma_adaln = false;
+  // warpgroup MMAs with its weights streamed through shared memory (adaln_wgmma.cu); false: the
+  // mma.sync kernel, which smaller batches always take (it is faster there). On an H100 the
+  // kernel takes ~18 against 26 us at B = 256 and the forward 0.7-0.9 % less at B = 100 and 512
+  // (docs/BENCHMARKS.md, thirteenth round).
+  bool wgmma_adaln = true;
   // bf16: the persistent attention kernel (attention_bf16.cu); false: one CTA per item.
   bool persistent_attention = true;
   // CTAs per 16-token row tile on compute capability 9.0 and up: 0 picks by batch size, 1 one

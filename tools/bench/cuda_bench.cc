@@ -173,7 +173,7 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (const char* v = std::getenv("MMDIT_BENCH_PERSISTENT_ATTENTION")) {
         fo.persistent_attention = std::atoi(v) != 0;
       }
-      // 1: the warpgroup-MMA adaLN from B = 65 (CudaForwardOptions::wgmma_adaln).
+      // 0: the mma.sync adaLN at every batch size (CudaForwardOptions::wgmma_adaln).
       if (const char* v = std::getenv("MMDIT_BENCH_WGMMA_ADALN")) {
         fo.wgmma_adaln = std::atoi(v) != 0;
       }
