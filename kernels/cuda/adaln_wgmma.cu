@@ -10,7 +10,8 @@
 // - CTAs are persistent: each takes one sample block (64 samples per warpgroup) and a run of
 //   its 64-column chunks.
 // The mma.sync kernel takes ~26 us at B = 256 (Nsight, H100) for work whose products are ~4 us
-// of wgmma time and whose traffic is ~28 MB; this one 17 us (docs/BENCHMARKS.md, twelfth round).
+// of wgmma time and whose traffic is ~28 MB; this one 16 us (docs/BENCHMARKS.md, twelfth and
+// thirteenth rounds).
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -94,19 +95,38 @@ __global__ void __launch_bounds__(kThreads, 1) AdaLnWgmmaKernel(const AdaLnParam
   const int wg = threadIdx.x >> 7, g = lane >> 2, t = lane & 3;
   const int r = wg * 64 + 16 * (warp & 3) + g;  // this thread's first fragment row in the block
 
-  // The block's rows of y, staged in shared memory that becomes the weights' stages once the
-  // SiLU has read it: every load in flight at once, and all of them before any weights (behind
-  // the CTAs' bulk copies they waited for the whole stream). Loaded to registers one by one,
-  // each waited for its L2 trip before the next issued (~9 us at B = 256, by clock stamps).
-  static_assert(64 * kWgs * kYStride * sizeof(float) <= kStages * size_t{kAdaLnChunkBytes},
-                "the staged rows fit in the stages");
-  float* ys = reinterpret_cast<float*>(smem);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      MbarrierInit(&full[s], 1);
+      released[s] = 0;
+    }
+    FenceMbarrierInit();
+  }
+  __syncthreads();
+  const uint8_t* images = static_cast<const uint8_t*>(p.w_images);
+  auto issue = [&](int i) {
+    BulkLoad(smem + static_cast<size_t>(i % kStages) * kAdaLnChunkBytes,
+             images + size_t(c0 + i) * kAdaLnChunkBytes, kAdaLnChunkBytes, &full[i % kStages]);
+  };
+
+  // The block's rows of y, staged in the last kYStages stages, which take their weights once the
+  // SiLU has read it: every load in flight at once, and issued before any weights (behind the
+  // CTAs' bulk copies they waited for the whole stream; loaded to registers one by one, each
+  // waited for its L2 trip before the next issued: ~9 us at B = 256, by clock stamps). The first
+  // stages' weights are in flight meanwhile.
+  constexpr int kYStages = 3;
+  static_assert(64 * kWgs * kYStride * sizeof(float) <= kYStages * size_t{kAdaLnChunkBytes},
+                "the staged rows fit in their stages");
+  float* ys = reinterpret_cast<float*>(smem + size_t{kStages - kYStages} * kAdaLnChunkBytes);
   for (int i = threadIdx.x; i < rows * (kD / 4); i += blockDim.x) {
     const int row = i / (kD / 4), q = i % (kD / 4);
     CpAsync16OrZero(ys + row * kYStride + 4 * q, p.y + (size_t)(row0 + row) * kD + 4 * q, true);
   }
   CpAsyncCommit();
-  const uint8_t* images = static_cast<const uint8_t*>(p.w_images);
+  constexpr int kEarlyStages = kStages - kYStages;  // ~3 us less at B = 256 (Nsight, H100)
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < min(kEarlyStages, c1 - c0); ++i) issue(i);
+  }
   // The bias of a chunk is read from the images in global memory one chunk ahead, not from the
   // stage: the stages are then read by the MMAs alone. (Read from the stage, compute-sanitizer's
   // racecheck reported the bias reads against the refilling bulk copy, with the refill ordered
@@ -120,31 +140,22 @@ __global__ void __launch_bounds__(kThreads, 1) AdaLnWgmmaKernel(const AdaLnParam
       bias[j] = __ldg(reinterpret_cast<const float2*>(src + 8 * j + 2 * t));
     }
   };
-  // The first chunk's bias is loaded with y, ahead of the bulk copies.
   float2 next_bias[kAdaLnChunkColumns / 8];
   if (c1 > c0) load_bias(0, next_bias);
   asm volatile("cp.async.wait_all;\n" ::: "memory");
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      MbarrierInit(&full[s], 1);
-      released[s] = 0;
-    }
-    FenceMbarrierInit();
-  }
   __syncthreads();
   uint32_t a_hi[kSteps][4], a_lo[kSteps][4];
   SiluFragments(ys + r * kYStride, r < rows, r + 8 < rows, t, a_hi, a_lo);
   __syncthreads();  // the staged rows are read: their space is the stages' from here
 
-  // Thread 0 issues the first kStages copies; each later one is issued by the last warp to
-  // release the stage's previous chunk (below). A producer warp of its own would make nine
-  // warps, three on some schedulers, and cap the registers at 168 (the three accumulators spilled).
-  auto issue = [&](int i) {
-    BulkLoad(smem + static_cast<size_t>(i % kStages) * kAdaLnChunkBytes,
-             images + size_t(c0 + i) * kAdaLnChunkBytes, kAdaLnChunkBytes, &full[i % kStages]);
-  };
+  // The other stages' first copies, now that the staged rows are read; each later copy is
+  // issued by the last warp to release the stage's previous chunk (below). A producer warp of its
+  // own would make nine warps, three on some schedulers, and cap the registers at 168 (the three
+  // accumulators spilled).
   if (threadIdx.x == 0) {
-    for (int i = 0; i < min(kStages, c1 - c0); ++i) issue(i);
+    // The generic proxy's accesses to the staged rows before the bulk copies' writes over them.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    for (int i = kEarlyStages; i < min(kStages, c1 - c0); ++i) issue(i);
   }
 
   for (int i = 0; i < c1 - c0; ++i) {

@@ -50,9 +50,11 @@ double Median(std::vector<float> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-// Times `launch` (which enqueues one forward on `stream`) `iters` times; median ms.
+// Times `launch` (which enqueues one forward on `stream`) `iters` times; median ms. With
+// MMDIT_BENCH_QUANTILES=1 it also prints the runs' quantiles under `label`.
 template <typename F>
-absl::StatusOr<double> TimeMedian(cudaStream_t stream, int warmup, int iters, F launch) {
+absl::StatusOr<double> TimeMedian(cudaStream_t stream, int warmup, int iters, F launch,
+                                  const std::string& label) {
   cudaEvent_t start, stop;
   CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
   CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
@@ -72,6 +74,14 @@ absl::StatusOr<double> TimeMedian(cudaStream_t stream, int warmup, int iters, F 
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+  // The spread of the runs, where asked for: a median alone hides whether the runs cluster.
+  if (const char* v = std::getenv("MMDIT_BENCH_QUANTILES"); v != nullptr && std::atoi(v) != 0) {
+    std::vector<float> q = ms;
+    std::sort(q.begin(), q.end());
+    const size_t n = q.size();
+    absl::PrintF("%s, %zu runs: min %.4f p10 %.4f p25 %.4f p50 %.4f p75 %.4f p90 %.4f max %.4f ms\n",
+                 label, n, q[0], q[n / 10], q[n / 4], q[n / 2], q[3 * n / 4], q[9 * n / 10], q[n - 1]);
+  }
   return Median(ms);
 }
 
@@ -204,12 +214,15 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
         BenchInputs in = MakeBenchInputs(config, b, options.seq_len,
                                          options.context_len, /*seed=*/4321);
         if (absl::Status s = f.Stage(in.samples); !s.ok()) return s;
-        absl::StatusOr<double> stream_ms = TimeMedian(
-            f.stream(), options.warmup_iters, options.timed_iters, [&] { return f.RunStaged(); });
+        const std::string label = absl::StrFormat("%s B=%d", bf16 ? "bf16" : "fp32", b);
+        absl::StatusOr<double> stream_ms =
+            TimeMedian(f.stream(), options.warmup_iters, options.timed_iters,
+                       [&] { return f.RunStaged(); }, label + " stream");
         if (!stream_ms.ok()) return stream_ms.status();
         if (absl::Status s = f.CaptureGraph(); !s.ok()) return s;
-        absl::StatusOr<double> graph_ms = TimeMedian(
-            f.stream(), options.warmup_iters, options.timed_iters, [&] { return f.ReplayGraph(); });
+        absl::StatusOr<double> graph_ms =
+            TimeMedian(f.stream(), options.warmup_iters, options.timed_iters,
+                       [&] { return f.ReplayGraph(); }, label + " graph");
         if (!graph_ms.ok()) return graph_ms.status();
         if (absl::Status s = f.FetchStaged(in.samples); !s.ok()) return s;
         for (float v : in.x_out) {
