@@ -1,6 +1,7 @@
 // The CUDA forward timed on one GPU: for each precision and batch size, the forward launched on
-// its stream and as a CUDA-graph replay, each timed with CUDA events after warm-up (median of
-// --timed_iters runs), then a per-kernel breakdown from events recorded between launches.
+// its stream and as a CUDA-graph replay, run by run in turn, each timed with CUDA events after
+// warm-up (median of --timed_iters runs each), then a per-kernel breakdown from events recorded
+// between launches.
 // Inputs are staged on the device once; a run reads them and writes separate buffers, so every
 // run computes the same thing. FLOPs are MODEL.md's count (1.56 GFLOP per sample at L=186, C=64).
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <cstdlib>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -50,39 +52,60 @@ double Median(std::vector<float> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-// Times `launch` (which enqueues one forward on `stream`) `iters` times; median ms. With
-// MMDIT_BENCH_QUANTILES=1 it also prints the runs' quantiles under `label`.
-template <typename F>
-absl::StatusOr<double> TimeMedian(cudaStream_t stream, int warmup, int iters, F launch,
-                                  const std::string& label) {
-  cudaEvent_t start, stop;
-  CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
-  CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
+// Prints the spread of a measurement's runs where MMDIT_BENCH_QUANTILES=1: a median alone hides
+// whether the runs cluster.
+void PrintQuantiles(std::vector<float> ms, const std::string& label) {
+  const char* v = std::getenv("MMDIT_BENCH_QUANTILES");
+  if (v == nullptr || std::atoi(v) == 0 || ms.empty()) return;
+  std::sort(ms.begin(), ms.end());
+  const size_t n = ms.size();
+  absl::PrintF("%s, %zu runs: min %.4f p10 %.4f p25 %.4f p50 %.4f p75 %.4f p90 %.4f max %.4f ms\n",
+               label, n, ms[0], ms[n / 10], ms[n / 4], ms[n / 2], ms[3 * n / 4], ms[9 * n / 10],
+               ms[n - 1]);
+}
+
+// Times two ways of enqueueing one forward on `stream` (launches and a graph replay), `iters`
+// runs each after `warmup` each, alternating run by run; their median ms. Alternating matters at
+// large batches: the forward draws the card's power limit there, and the SM clock falls within
+// a second of sustained runs (docs/BENCHMARKS.md), so a way timed after the other would be
+// timed on a hotter card.
+template <typename A, typename B>
+absl::StatusOr<std::pair<double, double>> TimeAlternating(cudaStream_t stream, int warmup,
+                                                          int iters, A launch_a, B launch_b,
+                                                          const std::string& label_a,
+                                                          const std::string& label_b) {
+  struct Events {
+    cudaEvent_t start = nullptr, stop = nullptr;
+    ~Events() {
+      if (start) cudaEventDestroy(start);
+      if (stop) cudaEventDestroy(stop);
+    }
+  } ev;
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&ev.start));
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&ev.stop));
   for (int i = 0; i < warmup; ++i) {
-    if (absl::Status s = launch(); !s.ok()) return s;
+    if (absl::Status s = launch_a(); !s.ok()) return s;
+    if (absl::Status s = launch_b(); !s.ok()) return s;
   }
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-  std::vector<float> ms;
-  for (int i = 0; i < iters; ++i) {
-    CUDA_RETURN_IF_ERROR(cudaEventRecord(start, stream));
+  std::vector<float> ms[2];
+  auto time_one = [&](auto& launch, std::vector<float>& out) -> absl::Status {
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(ev.start, stream));
     if (absl::Status s = launch(); !s.ok()) return s;
-    CUDA_RETURN_IF_ERROR(cudaEventRecord(stop, stream));
-    CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(ev.stop, stream));
+    CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ev.stop));
     float t = 0;
-    CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
+    CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&t, ev.start, ev.stop));
+    out.push_back(t);
+    return absl::OkStatus();
+  };
+  for (int i = 0; i < iters; ++i) {
+    if (absl::Status s = time_one(launch_a, ms[0]); !s.ok()) return s;
+    if (absl::Status s = time_one(launch_b, ms[1]); !s.ok()) return s;
   }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  // The spread of the runs, where asked for: a median alone hides whether the runs cluster.
-  if (const char* v = std::getenv("MMDIT_BENCH_QUANTILES"); v != nullptr && std::atoi(v) != 0) {
-    std::vector<float> q = ms;
-    std::sort(q.begin(), q.end());
-    const size_t n = q.size();
-    absl::PrintF("%s, %zu runs: min %.4f p10 %.4f p25 %.4f p50 %.4f p75 %.4f p90 %.4f max %.4f ms\n",
-                 label, n, q[0], q[n / 10], q[n / 4], q[n / 2], q[3 * n / 4], q[9 * n / 10], q[n - 1]);
-  }
-  return Median(ms);
+  PrintQuantiles(ms[0], label_a);
+  PrintQuantiles(ms[1], label_b);
+  return std::make_pair(Median(ms[0]), Median(ms[1]));
 }
 
 // Median time per kernel kind over `iters` runs, from events recorded after every launch.
@@ -215,20 +238,17 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
                                          options.context_len, /*seed=*/4321);
         if (absl::Status s = f.Stage(in.samples); !s.ok()) return s;
         const std::string label = absl::StrFormat("%s B=%d", bf16 ? "bf16" : "fp32", b);
-        absl::StatusOr<double> stream_ms =
-            TimeMedian(f.stream(), options.warmup_iters, options.timed_iters,
-                       [&] { return f.RunStaged(); }, label + " stream");
-        if (!stream_ms.ok()) return stream_ms.status();
         if (absl::Status s = f.CaptureGraph(); !s.ok()) return s;
-        absl::StatusOr<double> graph_ms =
-            TimeMedian(f.stream(), options.warmup_iters, options.timed_iters,
-                       [&] { return f.ReplayGraph(); }, label + " graph");
-        if (!graph_ms.ok()) return graph_ms.status();
+        absl::StatusOr<std::pair<double, double>> times = TimeAlternating(
+            f.stream(), options.warmup_iters, options.timed_iters, [&] { return f.RunStaged(); },
+            [&] { return f.ReplayGraph(); }, label + " stream", label + " graph");
+        if (!times.ok()) return times.status();
+        const double stream_ms = times->first, graph_ms = times->second;
         if (absl::Status s = f.FetchStaged(in.samples); !s.ok()) return s;
         for (float v : in.x_out) {
           if (!std::isfinite(v)) return absl::InternalError("non-finite output");
         }
-        const double best = std::min(*stream_ms, *graph_ms);
+        const double best = std::min(stream_ms, graph_ms);
         const double tflops = flops * b / (best * 1e-3) * 1e-12;
         const double anchor = AnchorMs(bf16, b);
         // Row tile rows (x CTAs per tile when split over a cluster) / attention tile queries, F
@@ -241,7 +261,7 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
                          f.per_sample_sync() ? "S" : "");
         table += absl::StrFormat(
             "%-5s %5d %8s %10.4f %10.4f %12.0f %8.1f %6.1f%% %10s %s\n", bf16 ? "bf16" : "fp32",
-            b, tiles, *stream_ms, *graph_ms, b / (best * 1e-3), tflops,
+            b, tiles, stream_ms, graph_ms, b / (best * 1e-3), tflops,
             100.0 * tflops / kBf16PeakTflops,
             anchor > 0 ? absl::StrFormat("%.3f", anchor) : std::string("-"),
             anchor > 0 ? absl::StrFormat("%.1fx", anchor / best) : std::string("-"));
