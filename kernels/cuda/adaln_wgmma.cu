@@ -201,17 +201,9 @@ __global__ void __launch_bounds__(kThreads, 1) AdaLnWgmmaKernel(const AdaLnParam
     // The warp is done with the stage (its wgmma reads waited for): it counts itself out, and
     // the last of the CTA's warps refills the stage, as the row kernel's ring does.
     __syncwarp();
-    if (lane == 0) {
-      const unsigned target = static_cast<unsigned>(i / kStages + 1) * (kThreads / 32);
-      unsigned before;
-      asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
-                   : "=r"(before)
-                   : "r"(SmemAddr(&released[s]))
-                   : "memory");
-      if (before + 1 == target && i + kStages < c1 - c0) {
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        issue(i + kStages);
-      }
+    if (lane == 0 && i + kStages < c1 - c0 &&
+        LastToReleaseStage(&released[s], (i / kStages + 1) * (kThreads / 32))) {
+      issue(i + kStages);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

@@ -283,6 +283,22 @@ __device__ __forceinline__ void MbarrierArrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
 }
 
+// A warp's release of a shared-memory stage that bulk copies refill: lane 0 calls it after a
+// __syncwarp, once the warp's reads of the stage are complete, with the count that the stage's
+// last release of this use reaches (uses so far x warps). True for the last warp to release,
+// which may then issue the refill: the acq_rel count orders every warp's reads before it, the
+// proxy fence before the copy's asynchronous writes.
+__device__ __forceinline__ bool LastToReleaseStage(unsigned* released, unsigned target) {
+  unsigned before;
+  asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
+               : "=r"(before)
+               : "r"(SmemAddr(released))
+               : "memory");
+  if (before + 1 != target) return false;
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  return true;
+}
+
 // Programmatic dependent launch: kernels are launched so that they may start while the previous
 // kernel of the stream finishes. Each kernel lets its successor launch at once, does its
 // prologue on read-only data (tiles, sample table, weights), then waits for its predecessor to

@@ -330,18 +330,10 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
   // complete (a warpgroup with no tile in a round passes its chunks through).
   auto release = [&](int i) {
     __syncwarp();
-    if (lane == 0) {
-      const int s = i % kStages;
-      const unsigned target = static_cast<unsigned>(i / kStages + 1) * (kThreads / 32);
-      unsigned before;
-      asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
-                   : "=r"(before)
-                   : "r"(SmemAddr(&released[s]))
-                   : "memory");
-      if (before + 1 == target && i + kStages < num_chunks) {
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        BulkLoad(ring + s * kWgmmaChunkBytes, chunk_src(i + kStages), kWgmmaChunkBytes, &full[s]);
-      }
+    const int s = i % kStages;
+    if (lane == 0 && i + kStages < num_chunks &&
+        LastToReleaseStage(&released[s], (i / kStages + 1) * (kThreads / 32))) {
+      BulkLoad(ring + s * kWgmmaChunkBytes, chunk_src(i + kStages), kWgmmaChunkBytes, &full[s]);
     }
   };
   // The 128 threads of this warpgroup (named barrier 1 + wg; 0 is __syncthreads).
