@@ -109,11 +109,11 @@ __global__ void __launch_bounds__(kThreads, 1) AdaLnWgmmaKernel(const AdaLnParam
              images + size_t(c0 + i) * kAdaLnChunkBytes, kAdaLnChunkBytes, &full[i % kStages]);
   };
 
-  // The block's rows of y, staged in the last kYStages stages, which take their weights once the
-  // SiLU has read it: every load in flight at once, and issued before any weights (behind the
-  // CTAs' bulk copies they waited for the whole stream; loaded to registers one by one, each
-  // waited for its L2 trip before the next issued: ~9 us at B = 256, by clock stamps). The first
-  // stages' weights are in flight meanwhile.
+  // The block's rows of y, staged in the last kYStages stages (they take their weights once the
+  // SiLU has read y). All of y's loads go out at once and before any weights: behind the CTAs'
+  // bulk copies they waited for the whole stream, and loaded to registers one by one, each waited
+  // for its L2 trip before the next issued (~9 us at B = 256, by clock stamps). The first stages'
+  // weights load meanwhile.
   constexpr int kYStages = 3;
   static_assert(64 * kWgs * kYStride * sizeof(float) <= kYStages * size_t{kAdaLnChunkBytes},
                 "the staged rows fit in their stages");
