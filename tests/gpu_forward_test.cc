@@ -33,6 +33,16 @@ const char* Name(CudaPrecision p) { return p == CudaPrecision::kBf16 ? "bf16" : 
 #define SKIP_WITHOUT_GPU()                                               \
   if (CudaForward::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device"
 
+// Options for batches of up to `batch` samples of at most `seq_len` x tokens and `context_len`
+// context tokens; the rest as the defaults.
+CudaForwardOptions SizedFor(int batch, int seq_len, int context_len) {
+  CudaForwardOptions options;
+  options.max_batch_size = batch;
+  options.max_seq_len = seq_len;
+  options.max_context_len = context_len;
+  return options;
+}
+
 void Poison(const ForwardSample& s, int d) {
   std::fill_n(s.x_out, static_cast<size_t>(s.seq_len) * d, NAN);
   std::fill_n(s.context_out, static_cast<size_t>(s.context_len) * d, NAN);
@@ -46,10 +56,7 @@ TEST_P(GpuFixtureTest, MatchesFloat64Outputs) {
   const auto [name, precision] = GetParam();
   testing::Fixture f = testing::LoadFixture(name);
   ASSERT_FALSE(::testing::Test::HasFailure());
-  CudaForwardOptions options;
-  options.max_batch_size = f.batch;
-  options.max_seq_len = f.seq_len;
-  options.max_context_len = f.context_len;
+  CudaForwardOptions options = SizedFor(f.batch, f.seq_len, f.context_len);
   options.precision = precision;
   absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(f.weights, options);
   ASSERT_TRUE(fwd.ok()) << fwd.status();
@@ -204,10 +211,7 @@ TEST_P(GpuRandomTest, MatchesReference) {
   MmditConfig config = TargetConfig();
   config.num_layers = c.num_layers;
   const ModelWeights weights = ModelWeights::Deterministic(config, 1234 + c.num_layers);
-  CudaForwardOptions options;
-  options.max_batch_size = c.batch;
-  options.max_seq_len = c.max_len;
-  options.max_context_len = c.max_ctx;
+  CudaForwardOptions options = SizedFor(c.batch, c.max_len, c.max_ctx);
   options.precision = precision;
   options.row_tile_rows = tile_rows;
   options.row_cluster_split = tiling.cluster_split;
@@ -309,10 +313,7 @@ TEST(GpuForwardTest, SharpAttentionMatchesReference) {
   // attn_queries 16: the attention with the keys split over warps, which combines the warps'
   // partial results at different offsets.
   auto run = [&](CudaPrecision p, bool comparison_kernels, int attn_queries = 128) {
-    CudaForwardOptions options;
-    options.max_batch_size = 4;
-    options.max_seq_len = 186;
-    options.max_context_len = 64;
+    CudaForwardOptions options = SizedFor(4, 186, 64);
     options.precision = p;
     options.row_tile_rows = 64;
     options.attn_tile_queries = attn_queries;
@@ -366,10 +367,7 @@ TEST(GpuForwardTest, WideFeedForwardFallsBack) {
   config.num_layers = 1;
   config.dim_feedforward = 2176;  // 17 x 128: past the wgmma kernel's 2048
   const ModelWeights weights = ModelWeights::Deterministic(config, 5);
-  CudaForwardOptions options;
-  options.max_batch_size = 4;
-  options.max_seq_len = 186;
-  options.max_context_len = 64;
+  CudaForwardOptions options = SizedFor(4, 186, 64);
   options.row_tile_rows = 64;
   auto fwd = CudaForward::Create(weights, options);
   ASSERT_TRUE(fwd.ok()) << fwd.status();
@@ -402,10 +400,7 @@ TEST(GpuForwardTest, BoundedScoresMatchRunningMaximum) {
   const MmditConfig& config = weights.config;
   for (int attn_queries : {256, 128, 64, 16}) {
     auto run = [&](bool bounded) {
-      CudaForwardOptions options;
-      options.max_batch_size = 3;
-      options.max_seq_len = 186;
-      options.max_context_len = 64;
+      CudaForwardOptions options = SizedFor(3, 186, 64);
       options.row_tile_rows = 64;
       options.attn_tile_queries = attn_queries;
       options.static_softmax_offsets = bounded;
@@ -451,10 +446,7 @@ TEST(GpuForwardTest, GraphReplayMatchesRun) {
   MmditConfig config = TargetConfig();
   config.num_layers = 2;
   const ModelWeights weights = ModelWeights::Deterministic(config, 7);
-  CudaForwardOptions options;
-  options.max_batch_size = 3;
-  options.max_seq_len = 64;
-  options.max_context_len = 16;
+  CudaForwardOptions options = SizedFor(3, 64, 16);
   auto fwd = CudaForward::Create(weights, options);
   ASSERT_TRUE(fwd.ok()) << fwd.status();
   RandomBatch b = testing::MakeRandomBatch(config, {{64, 16}, {5, 3}, {33, 9}}, true, 5);
@@ -480,10 +472,7 @@ TEST(GpuForwardTest, HeadMajorAttentionMatchesTokenMajor) {
   for (int queries : {64, 128, 256}) {
     std::vector<std::vector<float>> outputs[2];
     for (bool head_major : {false, true}) {
-      CudaForwardOptions options;
-      options.max_batch_size = 4;
-      options.max_seq_len = 300;
-      options.max_context_len = 40;
+      CudaForwardOptions options = SizedFor(4, 300, 40);
       options.row_tile_rows = 64;
       options.attn_tile_queries = queries;
       options.head_major_attention = head_major;
@@ -511,10 +500,7 @@ TEST(GpuForwardTest, Bf16ResidualMatchesReference) {
   const ModelWeights weights = ModelWeights::Deterministic(config, 17);
   std::vector<float> outputs[3];  // fp32, bf16, by batch size
   for (int bf16_residual : {0, 1, -1}) {
-    CudaForwardOptions options;
-    options.max_batch_size = 4;
-    options.max_seq_len = 186;
-    options.max_context_len = 64;
+    CudaForwardOptions options = SizedFor(4, 186, 64);
     options.row_tile_rows = 64;
     options.bf16_residual = bf16_residual;
     auto fwd = CudaForward::Create(weights, options);
@@ -566,10 +552,7 @@ TEST(GpuForwardTest, WgmmaAdaLnMatchesMmaSyncAdaLn) {
     }
     std::vector<float> outputs[2];
     for (bool wgmma : {false, true}) {
-      CudaForwardOptions options;
-      options.max_batch_size = c.batch;
-      options.max_seq_len = 24;
-      options.max_context_len = 12;
+      CudaForwardOptions options = SizedFor(c.batch, 24, 12);
       options.wgmma_adaln = wgmma;
       auto fwd = CudaForward::Create(weights, options);
       ASSERT_TRUE(fwd.ok()) << fwd.status();
@@ -607,10 +590,7 @@ TEST(GpuForwardTest, PerSampleSyncMatchesWholeKernelWaits) {
   }
   std::vector<float> outputs[2];
   for (bool sync : {false, true}) {
-    CudaForwardOptions options;
-    options.max_batch_size = 200;
-    options.max_seq_len = 300;
-    options.max_context_len = 80;
+    CudaForwardOptions options = SizedFor(200, 300, 80);
     options.row_tile_rows = 64;
     options.attn_tile_queries = 256;
     options.per_sample_sync = sync;
@@ -669,10 +649,7 @@ TEST(GpuForwardTest, RejectsBatchesOverCapacity) {
   MmditConfig config = TargetConfig();
   config.num_layers = 1;
   const ModelWeights weights = ModelWeights::Deterministic(config, 7);
-  CudaForwardOptions options;
-  options.max_batch_size = 2;
-  options.max_seq_len = 32;
-  options.max_context_len = 8;
+  CudaForwardOptions options = SizedFor(2, 32, 8);
   auto fwd = CudaForward::Create(weights, options);
   ASSERT_TRUE(fwd.ok()) << fwd.status();
   RandomBatch three = testing::MakeRandomBatch(config, {{4, 4}, {4, 4}, {4, 4}}, false, 1);
@@ -800,16 +777,13 @@ TEST(GpuForwardTest, SanitizerCase) {
       if (long_keys && p != CudaPrecision::kBf16) continue;
       if (fused) variant = 4;
       const int rows = variant == 0 || variant >= 64 ? 64 : 16;
-      CudaForwardOptions options;
+      CudaForwardOptions options = SizedFor(3, long_keys ? 800 : 70, 9);
       options.fused_forward = fused;
       options.use_wgmma = variant != 0;
       options.persistent_attention = variant != 0;
       options.row_cluster_split = variant == 2 || variant == 4 ? variant : 1;
       options.attn_tile_queries =
           long_keys ? 256 : variant == 4 && p == CudaPrecision::kBf16 ? 16 : 0;
-      options.max_batch_size = 3;
-      options.max_seq_len = long_keys ? 800 : 70;
-      options.max_context_len = 9;
       options.precision = p;
       options.row_tile_rows = rows;
       auto fwd = CudaForward::Create(weights, options);
