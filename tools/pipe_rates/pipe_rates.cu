@@ -7,10 +7,15 @@
 // - The wgmma row kernel's GEMM steps: groups of eight k16 steps of m64n128 or m64n64 (A from
 //   registers, B from shared memory laid out as the kernel's weight images), one warpgroup alone
 //   or three per SM, waited for one at a time or two in flight.
+// - Kernel boundaries: the time per kernel of a chain of small kernels replayed as a CUDA graph,
+//   each waiting for the one before (one word stored by one and read by the next), launched
+//   with and without programmatic dependent launch: the floor under a forward of 25 kernels at
+//   small batches, where each kernel's own work is a few microseconds.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <vector>
 
@@ -19,6 +24,8 @@
 namespace {
 
 using mmdit::cuda::FenceRegs;
+using mmdit::cuda::LaunchDependents;
+using mmdit::cuda::WaitForPredecessor;
 using mmdit::cuda::SmemDesc;
 using mmdit::cuda::WgmmaCommit;
 using mmdit::cuda::WgmmaFence;
@@ -208,6 +215,82 @@ void Run(const char* name, int sms, int blocks_per_sm) {
               rate(kEx2), rate(kPack), rate(kEx2H2));
 }
 
+// One link of the chain: waits for the kernel before (with programmatic dependent launch, for
+// its completion; without, the launch itself comes after it), optionally stores 16 bytes per
+// thread (a completion then has stores to make visible), and passes the count on.
+struct ChainParams {
+  unsigned* words;  // words[step] = words[step - 1] + 1
+  float4* sink;     // stores: one float4 per thread, or null
+  int step;
+};
+__global__ void ChainStep(ChainParams p) {
+  LaunchDependents();
+  WaitForPredecessor();
+  if (p.sink != nullptr) {
+    p.sink[blockIdx.x * blockDim.x + threadIdx.x] = make_float4(p.step, 0.0f, 0.0f, 0.0f);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) p.words[p.step] = p.words[p.step - 1] + 1;
+}
+
+// Median microseconds per kernel over `replays` replays of a graph of kChain links of `ctas`
+// CTAs; checks that every link saw the one before.
+double ChainMicrosPerKernel(int ctas, bool pdl, bool stores) {
+  constexpr int kChain = 25, kReplays = 200;
+  unsigned* words;
+  float4* sink;
+  CHECK(cudaMalloc(&words, sizeof(unsigned) * (kChain + 1)));
+  CHECK(cudaMalloc(&sink, sizeof(float4) * ctas * kThreads));
+  CHECK(cudaMemset(words, 0, sizeof(unsigned) * (kChain + 1)));
+  cudaStream_t stream;
+  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int step = 1; step <= kChain; ++step) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(ctas);
+    config.blockDim = dim3(kThreads);
+    config.stream = stream;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &attr;
+    config.numAttrs = pdl ? 1 : 0;
+    CHECK(cudaLaunchKernelEx(&config, ChainStep, ChainParams{words, stores ? sink : nullptr, step}));
+  }
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK(cudaStreamEndCapture(stream, &graph));
+  CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  for (int i = 0; i < 20; ++i) CHECK(cudaGraphLaunch(exec, stream));
+  std::vector<float> ms;
+  for (int i = 0; i < kReplays; ++i) {
+    CHECK(cudaEventRecord(start, stream));
+    CHECK(cudaGraphLaunch(exec, stream));
+    CHECK(cudaEventRecord(stop, stream));
+    CHECK(cudaEventSynchronize(stop));
+    float t = 0;
+    CHECK(cudaEventElapsedTime(&t, start, stop));
+    ms.push_back(t);
+  }
+  unsigned last = 0;
+  CHECK(cudaMemcpy(&last, words + kChain, sizeof(unsigned), cudaMemcpyDeviceToHost));
+  if (last != kChain) {
+    std::fprintf(stderr, "kernel chain: the last link counted %u, not %d\n", last, kChain);
+    std::exit(1);
+  }
+  CHECK(cudaEventDestroy(start));
+  CHECK(cudaEventDestroy(stop));
+  CHECK(cudaGraphExecDestroy(exec));
+  CHECK(cudaGraphDestroy(graph));
+  CHECK(cudaStreamDestroy(stream));
+  CHECK(cudaFree(words));
+  CHECK(cudaFree(sink));
+  std::sort(ms.begin(), ms.end());
+  return 1e3 * ms[ms.size() / 2] / kChain;
+}
+
 }  // namespace
 
 int main() {
@@ -229,6 +312,20 @@ int main() {
   Run<5, 8, 0, 0>("mma x5 + ex2 x8", sms, 4);
   Run<5, 8, 4, 0>("mma x5 + ex2 x8 + pack x4 (loop)", sms, 4);
   Run<5, 0, 4, 4>("mma x5 + pack x4 + ex2.f16x2 x4", sms, 4);
+  std::printf("\nkernel boundaries: a graph of 25 kernels of %d threads per CTA, each waiting for "
+              "the one before; median of 200 replays\n", kThreads);
+  std::printf("%-52s %10s\n", "chain", "us/kernel");
+  for (int ctas : {64, 132, 264}) {
+    for (bool stores : {false, true}) {
+      for (bool pdl : {false, true}) {
+        char name[96];
+        std::snprintf(name, sizeof(name), "%d CTAs, %s, %s", ctas,
+                      stores ? "16 B stored per thread" : "no stores",
+                      pdl ? "programmatic launch" : "plain launch");
+        std::printf("%-52s %10.2f\n", name, ChainMicrosPerKernel(ctas, pdl, stores));
+      }
+    }
+  }
   if (prop.major != 9 || prop.minor != 0) return 0;  // wgmma: the sm_90a build only
   std::printf("\nwgmma, 8 k16 steps per group, one CTA per SM\n");
   std::printf("%-44s %10s %10s\n", "pattern", "clk/group", "FLOP/clk");
