@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kAdaLnOutputs) AdaLnKernel(const AdaLnParams p
 
 absl::Status LaunchAdaLn(const AdaLnParams& params, cudaStream_t stream) {
   if (params.batch == 0) return absl::OkStatus();
-  if (params.w_images != nullptr && params.batch >= kAdaLnWgmmaMinBatch) {
+  if (AdaLnOnWgmma(params.w_images, params.batch)) {
     return LaunchAdaLnWgmma(params, stream);
   }
   const int n_total = params.num_layers * 2 * 6 * params.dim;

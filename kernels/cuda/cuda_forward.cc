@@ -992,7 +992,7 @@ int CudaForward::tile_queries() const { return impl_->tile_queries; }
 bool CudaForward::fused() const { return impl_->fused; }
 bool CudaForward::per_sample_sync() const { return impl_->sample_sync; }
 bool CudaForward::wgmma_adaln() const {
-  return impl_->d_adaln_images != nullptr && impl_->batch >= cuda::kAdaLnWgmmaMinBatch;
+  return cuda::AdaLnOnWgmma(impl_->d_adaln_images, impl_->batch);
 }
 int CudaForward::bounded_score_layers() const {
   return static_cast<int>(

@@ -40,8 +40,8 @@ struct CudaForwardOptions {
   // bf16 with D = 128 on compute capability 9.0, batches of 65 samples and more: the adaLN on
   // warpgroup MMAs with its weights streamed through shared memory (adaln_wgmma.cu); false: the
   // mma.sync kernel, which smaller batches always take (it is faster there). On an H100 the
-  // kernel takes ~16 against 26 us at B = 256 and the forward 0.7-0.9 % less at B = 100 and 512
-  // (docs/BENCHMARKS.md, thirteenth round).
+  // kernel takes ~16 against 26 us at B = 256, and the forward ~1 % less at B = 100, 0.9 % at
+  // B = 256 (launched) and 0.5-0.7 % at B = 512 (docs/BENCHMARKS.md, thirteenth round).
   bool wgmma_adaln = true;
   // bf16: the persistent attention kernel (attention_bf16.cu); false: one CTA per item.
   bool persistent_attention = true;

@@ -141,8 +141,12 @@ inline constexpr int kAdaLnChunkColumns = 64;
 inline constexpr int kAdaLnChunkBytes = 2 * kAdaLnChunkColumns * 128 * 2 + kAdaLnChunkColumns * 4;
 // Below this batch the mma.sync adaLN runs even where the wgmma one could: one 64-sample block
 // leaves the wgmma kernel's second warpgroup idle, and at B = 1 it took 9.5 us against 6.9
-// (Nsight, H100); at B = 64 the forward took the same time with either.
+// (Nsight, H100).
 inline constexpr int kAdaLnWgmmaMinBatch = 65;
+// Whether a forward of `batch` samples takes the wgmma adaLN, given its weight images.
+inline bool AdaLnOnWgmma(const void* w_images, int batch) {
+  return w_images != nullptr && batch >= kAdaLnWgmmaMinBatch;
+}
 
 // The row-local part of layers: for each tile of one stream of one sample, optionally the end of
 // layer `post_layer` (output projection + RMSNorm + gated residual, modulated LN + MLP + gated
