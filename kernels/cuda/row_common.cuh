@@ -62,12 +62,6 @@ __host__ __device__ constexpr size_t VectorBytes(int dim, int dim_ff) {
   return sizeof(float) * (kVUpB * dim + (dim_ff <= kMaxStagedFF ? dim_ff : 0));
 }
 
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 template <Precision P>
 __device__ __forceinline__ float Silu(float v) {
   if constexpr (P == Precision::kBf16) {
@@ -122,6 +116,16 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
     // dependent MMA chain per accumulator; k-step i goes to set i % kChains (summed at the end).
     constexpr int kChains = kMT == 1 ? 4 : 1;
     float extra[kChains > 1 ? kChains - 1 : 1][kNT][4] = {};
+    // The refill's addresses once per pass, k-step i at a constant offset from them, and with no
+    // next pass the current one's fragments reloaded (dead, but the loads stay unconditional):
+    // computed and tested per k-step, the 64-bit index arithmetic and branches were most of a
+    // pass's instructions, on the critical path of every small-batch layer.
+    const WDesc<P>& src = next.wf != nullptr ? next : cur;
+    const typename Prec<P>::W* refill[kNT];
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+      refill[n] = src.wf + ((size_t)(src.nt0 + n) * src.ks_total + src.ks0) * 32 + lane;
+    }
 #pragma unroll
     for (int i = 0; i < kD / 16; ++i) {
 #pragma unroll
@@ -137,13 +141,8 @@ __device__ __forceinline__ void WarpGemm(float (&acc)[kMT][kD / 64][4],
           }
         }
       }
-      if (next.wf != nullptr) {
 #pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          f.b[i][n] = __ldg(next.wf + ((size_t)(next.nt0 + n) * next.ks_total + next.ks0 + i) * 32 +
-                            lane);
-        }
-      }
+      for (int n = 0; n < kNT; ++n) f.b[i][n] = __ldg(refill[n] + i * 32);
     }
     if constexpr (kChains > 1) {
 #pragma unroll
@@ -237,37 +236,87 @@ __device__ __forceinline__ void LoadCols(float (&dst)[kCols], const float* src) 
   }
 }
 
-// One row, kCols columns per lane from col0: out = LN(x) * scale1 + shift (scale1 = 1 + scale).
-template <int kCols, typename T>
-__device__ __forceinline__ void LayerNormModulateRow(const float (&x)[kCols],
-                                                     const float (&scale1)[kCols],
-                                                     const float (&shift)[kCols], int col0,
-                                                     T* out) {
-  constexpr float kInvD = 1.0f / (kCols * 32);
-  float s = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kCols; ++j) s += x[j];
-  const float mean = WarpSum(s) * kInvD;
-  float s2 = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kCols; ++j) s2 += (x[j] - mean) * (x[j] - mean);
-  const float rstd = rsqrtf(WarpSum(s2) * kInvD + kLayerNormEps);
-#pragma unroll
-  for (int j = 0; j < kCols; j += 2) {
-    Store2(out + col0 + j, (x[j] - mean) * rstd * scale1[j] + shift[j],
-           (x[j + 1] - mean) * rstd * scale1[j + 1] + shift[j + 1]);
+template <int kCols>
+__device__ __forceinline__ void StoreCols(float* dst, const float (&v)[kCols]) {
+  if constexpr (kCols == 4) {
+    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
   }
 }
 
-template <int kCols>
-__device__ __forceinline__ void RmsNormRow(float (&v)[kCols], const float (&w)[kCols]) {
+// The row passes take a warp's rows two at a time: a row's reduction over the warp is a chain
+// of five dependent shuffles, and two rows' chains interleaved take about as long as one (with
+// the rows one after the other, the first norm pass alone was 30 dependent shuffles).
+constexpr int kRowsAtOnce = 2;
+
+// s[i] summed over the warp for each i, the butterflies interleaved.
+template <int N>
+__device__ __forceinline__ void WarpSums(float (&s)[N]) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+    for (int i = 0; i < N; ++i) s[i] += __shfl_xor_sync(0xffffffffu, s[i], o);
+}
+
+// Rows of kCols columns per lane from col0 (R rows, mean[q] the mean of row q):
+// out[q] = LN(x[q]) * scale1 + shift (scale1 = 1 + scale).
+template <int R, int kCols, typename T>
+__device__ __forceinline__ void LayerNormModulateRows(const float (&x)[R][kCols],
+                                                      const float (&mean)[R],
+                                                      const float (&scale1)[kCols],
+                                                      const float (&shift)[kCols], int col0,
+                                                      T* const (&out)[R]) {
   constexpr float kInvD = 1.0f / (kCols * 32);
-  float s = 0.0f;
+  float s2[R];
 #pragma unroll
-  for (int j = 0; j < kCols; ++j) s += v[j] * v[j];
-  const float r = rsqrtf(WarpSum(s) * kInvD + kRmsNormEps);
+  for (int q = 0; q < R; ++q) {
+    s2[q] = 0.0f;
 #pragma unroll
-  for (int j = 0; j < kCols; ++j) v[j] = v[j] * r * w[j];
+    for (int j = 0; j < kCols; ++j) s2[q] += (x[q][j] - mean[q]) * (x[q][j] - mean[q]);
+  }
+  WarpSums(s2);
+#pragma unroll
+  for (int q = 0; q < R; ++q) {
+    const float rstd = rsqrtf(s2[q] * kInvD + kLayerNormEps);
+#pragma unroll
+    for (int j = 0; j < kCols; j += 2) {
+      Store2(out[q] + col0 + j, (x[q][j] - mean[q]) * rstd * scale1[j] + shift[j],
+             (x[q][j + 1] - mean[q]) * rstd * scale1[j + 1] + shift[j + 1]);
+    }
+  }
+}
+
+template <int R, int kCols>
+__device__ __forceinline__ void RowMeans(const float (&x)[R][kCols], float (&mean)[R]) {
+#pragma unroll
+  for (int q = 0; q < R; ++q) {
+    mean[q] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) mean[q] += x[q][j];
+  }
+  WarpSums(mean);
+#pragma unroll
+  for (int q = 0; q < R; ++q) mean[q] *= 1.0f / (kCols * 32);
+}
+
+template <int R, int kCols>
+__device__ __forceinline__ void RmsNormRows(float (&v)[R][kCols], const float (&w)[kCols]) {
+  constexpr float kInvD = 1.0f / (kCols * 32);
+  float s[R];
+#pragma unroll
+  for (int q = 0; q < R; ++q) {
+    s[q] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) s[q] += v[q][j] * v[q][j];
+  }
+  WarpSums(s);
+#pragma unroll
+  for (int q = 0; q < R; ++q) {
+    const float r = rsqrtf(s[q] * kInvD + kRmsNormEps);
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) v[q][j] = v[q][j] * r * w[j];
+  }
 }
 
 // RoPE from the host-made table of (cos, sin) per position and pair; pairs (2i, 2i + 1).
@@ -546,17 +595,37 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
     LoadCols<kCols>(gate, vs + kVGateAttn * kD + col0);
     LoadCols<kCols>(scale1, vs + kVScaleMlp * kD + col0);
     LoadCols<kCols>(shift, vs + kVShiftMlp * kD + col0);
-    for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-      const int r = warp * S::kRowsPerWarp + rr;
-      float v[kCols], x[kCols];
-      LoadCols<kCols>(v, ss + r * kXs + col0);
-      RmsNormRow<kCols>(v, rms_w);
+    // One reduction round gives both the RMS of the projection and the mean of the new
+    // residual: sum(x) = sum(x_old) + r sum(v w gate) for x = x_old + (v r w) gate.
+    for (int rr = 0; rr < S::kRowsPerWarp; rr += kRowsAtOnce) {
+      const int r0 = warp * S::kRowsPerWarp + rr;
+      float v[kRowsAtOnce][kCols], x[kRowsAtOnce][kCols];
+      float sums[3 * kRowsAtOnce], mean[kRowsAtOnce];
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) {
-        x[j] = xs[r * kXs + col0 + j] + v[j] * gate[j];
-        xs[r * kXs + col0 + j] = x[j];
+      for (int q = 0; q < kRowsAtOnce; ++q) {
+        LoadCols<kCols>(v[q], ss + (r0 + q) * kXs + col0);
+        LoadCols<kCols>(x[q], xs + (r0 + q) * kXs + col0);
+        sums[3 * q] = sums[3 * q + 1] = sums[3 * q + 2] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) {
+          sums[3 * q] += v[q][j] * v[q][j];
+          sums[3 * q + 1] += x[q][j];
+          sums[3 * q + 2] += v[q][j] * rms_w[j] * gate[j];
+        }
       }
-      LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
+      WarpSums(sums);
+      T* out[kRowsAtOnce];
+#pragma unroll
+      for (int q = 0; q < kRowsAtOnce; ++q) {
+        constexpr float kInvD = 1.0f / kD;
+        const float rms = rsqrtf(sums[3 * q] * kInvD + kRmsNormEps);
+        mean[q] = (sums[3 * q + 1] + rms * sums[3 * q + 2]) * kInvD;
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) x[q][j] += v[q][j] * rms * rms_w[j] * gate[j];
+        StoreCols<kCols>(xs + (r0 + q) * kXs + col0, x[q]);
+        out[q] = as + (r0 + q) * kAs;
+      }
+      LayerNormModulateRows<kRowsAtOnce, kCols>(x, mean, scale1, shift, col0, out);
     }
     __syncthreads();
     float acc2[kMT][kNT][4];
@@ -657,11 +726,17 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
       float scale1[kCols], shift[kCols];
       LoadCols<kCols>(scale1, vs + kVScaleAttn * kD + col0);
       LoadCols<kCols>(shift, vs + kVShiftAttn * kD + col0);
-      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-        const int r = warp * S::kRowsPerWarp + rr;
-        float x[kCols];
-        LoadCols<kCols>(x, xs + r * kXs + col0);
-        LayerNormModulateRow<kCols>(x, scale1, shift, col0, as + r * kAs);
+      for (int rr = 0; rr < S::kRowsPerWarp; rr += kRowsAtOnce) {
+        const int r0 = warp * S::kRowsPerWarp + rr;
+        float x[kRowsAtOnce][kCols], mean[kRowsAtOnce];
+        T* out[kRowsAtOnce];
+#pragma unroll
+        for (int q = 0; q < kRowsAtOnce; ++q) {
+          LoadCols<kCols>(x[q], xs + (r0 + q) * kXs + col0);
+          out[q] = as + (r0 + q) * kAs;
+        }
+        RowMeans(x, mean);
+        LayerNormModulateRows<kRowsAtOnce, kCols>(x, mean, scale1, shift, col0, out);
       }
     }
     __syncthreads();
@@ -673,16 +748,27 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
       __syncthreads();
       float qk_w[kCols];
       if (c < 2) LoadCols<kCols>(qk_w, vs + (c == 0 ? kVRmsQ : kVRmsK) * kD + col0);
-      for (int rr = 0; rr < S::kRowsPerWarp; ++rr) {
-        const int r = warp * S::kRowsPerWarp + rr;
-        if (r >= w.rows) break;  // warp-uniform
-        float v[kCols];
-        LoadCols<kCols>(v, ss + r * kXs + col0);
+      for (int rr = 0; rr < S::kRowsPerWarp; rr += kRowsAtOnce) {
+        const int r0 = warp * S::kRowsPerWarp + rr;
+        if (r0 >= w.rows) break;  // warp-uniform
+        float v[kRowsAtOnce][kCols];
+#pragma unroll
+        for (int q = 0; q < kRowsAtOnce; ++q) LoadCols<kCols>(v[q], ss + (r0 + q) * kXs + col0);
         if (c < 2) {
-          RmsNormRow<kCols>(v, qk_w);
-          if (w.rope) RopeRow<kCols>(v, w.rope_table, w.rope_row0 + r, col0);
+          RmsNormRows(v, qk_w);
+          if (w.rope) {
+#pragma unroll
+            for (int q = 0; q < kRowsAtOnce; ++q) {
+              RopeRow<kCols>(v[q], w.rope_table, w.rope_row0 + r0 + q, col0);
+            }
+          }
         }
-        StoreRow<T, kCols>(dst[c] + (size_t)(w.tok0 + r) * kD + col0, v);
+#pragma unroll
+        for (int q = 0; q < kRowsAtOnce; ++q) {
+          if (r0 + q < w.rows) {
+            StoreRow<T, kCols>(dst[c] + (size_t)(w.tok0 + r0 + q) * kD + col0, v[q]);
+          }
+        }
       }
       __syncthreads();
     }
