@@ -47,16 +47,18 @@ struct AttentionSmem {
   SplitKeysPartial part[kThreads / 32][32];
 };
 
-// Shared memory: the row passes' regions (as the row kernel lays them out), then the CTA's partial
-// down product, whose space the attention phase's buffers reuse, then the RoPE rows of the tile
-// and the attention output rows of the CTA's heads (read by its peers).
+// Shared memory: the row passes' regions (as the row kernel lays them out), then the slots of the
+// partial down products (written by the peers), whose space the attention phase's buffers reuse,
+// then the RoPE rows of the tile and the attention output rows of the CTA's heads (read by its
+// peers).
 constexpr size_t kXsBytes = sizeof(float) * Shape::kM * Shape::kXs;
 constexpr size_t kAsOffset = kXsBytes + Shape::kOutBytes;
 constexpr size_t kVsOffset = kAsOffset + sizeof(bf16) * Shape::kM * Shape::kAs;
 constexpr size_t kPsOffset = kVsOffset + VectorBytes(kD, kMaxStagedFF);
 constexpr size_t kRopeOffset =
-    kPsOffset + (Shape::kPartialBytes > sizeof(AttentionSmem) ? Shape::kPartialBytes
-                                                              : sizeof(AttentionSmem));
+    kPsOffset + (Shape::ExchangeBytes(kSplit) > sizeof(AttentionSmem)
+                     ? Shape::ExchangeBytes(kSplit)
+                     : sizeof(AttentionSmem));
 constexpr size_t kStageOffset = kRopeOffset + sizeof(float2) * Shape::kM * (kHeadDim / 2);
 constexpr size_t kSmemBytes = kStageOffset + sizeof(bf16) * Shape::kM * Shape::kAs;
 static_assert(kPsOffset % 16 == 0 && kRopeOffset % 16 == 0 && kStageOffset % 16 == 0 &&
@@ -104,6 +106,8 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   w.as = reinterpret_cast<bf16*>(smem + kAsOffset);
   w.vs = reinterpret_cast<float*>(smem + kVsOffset);
   w.ps = reinterpret_cast<float*>(smem + kPsOffset);
+  __shared__ uint64_t exchange_bar;  // outside the attention's buffers: it keeps its phase
+  w.exchange_bar = &exchange_bar;
   AttentionSmem& attn = *reinterpret_cast<AttentionSmem*>(smem + kPsOffset);
   float2* rope = reinterpret_cast<float2*>(smem + kRopeOffset);
   bf16* stage = reinterpret_cast<bf16*>(smem + kStageOffset);  // this CTA's heads' output rows
@@ -166,8 +170,12 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
     StoreModulation<kD>(w.vs, mv);
     x.Store(w.xs, Shape::kXs);
   }
+  if (threadIdx.x == 0) {
+    MbarrierInit(&exchange_bar, 1);
+    FenceMbarrierInit();
+  }
   __syncthreads();
-  ClusterArrive();  // the first exchange (after layer 0's attention) starts with a wait
+  ClusterArrive();  // the first gather (after layer 0's attention) starts with a wait
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int head = w.rank * kHeadsPerCta + warp / kKeyWarps;
@@ -175,7 +183,11 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   const uint32_t* mask = si.mask_off >= 0 ? fp.mask_bits + si.mask_off : nullptr;
   const AttnTile at{si.tok_off, q0, si.seq_len, num_keys, si.mask_off, {}};
   for (int l = 0;; ++l) {
+    w.exchange_parity = (l + 1) & 1;  // layer l > 0 has the (l - 1)th exchange
     RowTilePasses<kP, kD, 1, kSplit>(w, frags);
+    // The exchange starts with a wait; this arrival is the one that the next gather (or the
+    // final wait) pairs with.
+    if (l > 0) ClusterArrive();
     if (l == p.num_layers) break;
 
     // Layer l's q, k and v are out: arrive, set up the next row phase while the others finish,
@@ -225,7 +237,8 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
     }
     StoreModulation<kD>(w.vs, mv);
     __syncthreads();
-    ClusterArrive();  // done reading the peers' rows; the row phase's exchange starts with a wait
+    ClusterArrive();  // done reading the peers' rows and done with the attention's buffers,
+                      // which the peers' partials overwrite: the exchange starts with a wait
   }
   ClusterWait();  // no CTA leaves while a peer may still read its shared memory
 }

@@ -46,7 +46,12 @@ struct RowShape {
                                          : sizeof(T) * kM * kAs;
   static constexpr size_t kSmemBytes =
       sizeof(float) * kM * kXs + kOutBytes + sizeof(T) * kM * kAs;
-  static constexpr size_t kPartialBytes = sizeof(float) * kM * kXs;  // the partial product
+  // With a cluster split of `split` CTAs: one slot per rank for the partial down products
+  // (RowTilePasses).
+  static constexpr size_t kSlotBytes = sizeof(float) * kM * kD;
+  __host__ __device__ static constexpr size_t ExchangeBytes(int split) {
+    return split * kSlotBytes;
+  }
 };
 
 // The per-column vectors of a launch, staged in shared memory after the tiles (each pass read
@@ -378,6 +383,37 @@ __device__ __forceinline__ void ClusterWait() {
       "fence.acquire.sync_restrict::shared::cluster.cluster;\n" ::: "memory");
 }
 
+// 16 bytes into a peer's shared memory (shared::cluster addresses), counted in bytes by the peer's
+// mbarrier `bar`: the peer sees the data once it sees the mbarrier's phase complete.
+__device__ __forceinline__ void StoreAsyncCluster(uint32_t addr, float4 v, uint32_t bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(addr),
+      "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
+      : "memory");
+}
+// The exchange's local mbarrier: armed with the bytes the peers will send (one arrival), and waited
+// on with acquire at cluster scope, since the peers' stores complete it.
+__device__ __forceinline__ void MbarrierArriveExpectTx(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarrierWaitCluster(uint64_t* bar, unsigned parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(SmemAddr(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
 // Where vs[i] (VectorOffset, the weights' part: below kVGateAttn, then up_b at kVUpB) comes from
 // for the finishing layer's weights wp and the q/k/v layer's wq; null: zero.
 template <int kD>
@@ -497,7 +533,9 @@ struct RowWork {
   float* ss;                     // GEMM output before its row-wise epilogue
   T* as;                         // GEMM operand, kAs apart: the attention rows on entry
   float* vs;                     // vectors (VectorOffset)
-  float* ps;                     // split: this CTA's partial down product, read by its peers
+  float* ps;                     // split: the exchange's slots (ExchangeBytes)
+  uint64_t* exchange_bar;        // split: counts the peers' bytes into ps (one arrival)
+  unsigned exchange_parity;      // split: its phase in this tile's exchange
   const StreamWeightsDev* wp;    // the finishing layer's weights; null: none
   const StreamWeightsDev* wq;    // the q/k/v layer's weights; null: none
   const float* up_b;             // the MLP's up bias (staged in vs, or global)
@@ -558,9 +596,9 @@ __device__ __forceinline__ WDesc<P> FirstPass(const RowWork<P>& w) {
 // On entry the residual is in xs, the attention rows (w.wp) in as, the vectors in vs, and (bf16)
 // `frags` holds FirstPass's fragments, all visible to every thread. A split CTA takes hidden
 // chunks rank, rank + kSplit, ... and the q/k/v passes [QkvBegin, QkvEnd). With w.wp and a
-// split, the exchange of partial products starts with a wait on the cluster barrier and ends
-// with an arrival: the caller arrives once before (by then no peer may still read ps) and waits
-// once after (before this CTA's shared memory may change or go away).
+// split, the exchange of partial products starts with a wait on the cluster barrier, which the
+// caller arrives at before: by then w.exchange_bar is initialised and visible to the peers, and
+// this CTA no longer uses the memory of w.ps's slots for anything else.
 template <Precision P, int kD, int kMT, int kSplit>
 __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& frags) {
   using S = RowShape<P, kD, kMT>;
@@ -583,7 +621,14 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
   auto qkv_d = [&](int c) { return QkvPass<P, kD>(w.wq, c, warp); };
 
   float acc[kMT][kNT][4];
+  uint64_t* const exchange_bar = w.exchange_bar;
   if (w.wp != nullptr) {
+    if constexpr (kSplit > 1) {
+      // Armed now, the wait below completes once all the peers' partials are in.
+      if (threadIdx.x == 0) {
+        MbarrierArriveExpectTx(exchange_bar, (kSplit - 1) * static_cast<unsigned>(S::kSlotBytes));
+      }
+    }
     ZeroAcc(acc);
     WarpGemm<P, kD, kMT>(acc, as, frags, OutPass<P, kD>(w.wp, warp),
                          rank < num_fc ? up_d(rank) : (has_qkv ? qkv_d(qkv_begin) : none));
@@ -652,33 +697,38 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
       __syncthreads();
     }
     if constexpr (kSplit > 1) {
-      // Each CTA publishes its partial down product in its own ps and, after the cluster
-      // barrier, sums the four in rank order, as every CTA of the cluster does, so that the
-      // residual stays identical across the cluster. (Pushing each partial into every CTA's
-      // shared memory instead needs a release at cluster scope: a GPU-wide fence.) The wait
-      // before the stores matches the caller's earlier arrival: the peers are done reading the
-      // previous contents of ps.
-      // The partials are in fragment order, each thread's accumulators as consecutive float4s,
-      // so that a warp's remote reads are whole 512-byte lines. (In the tile's row layout, a warp
-      // read 8-byte pieces of 32-byte row segments, and the exchange took about a fifth of a
-      // layer at B = 1.) All remote loads are issued before the first sum.
+      // Each CTA pushes its partial down product into slot `rank` of every peer (st.async, which
+      // the peer's mbarrier counts), waits for the peers' partials in its own slots, and sums the
+      // kSplit partials in rank order, as every CTA of the cluster does, so that the residual
+      // stays identical across the cluster. (Pulling the partials from the peers' shared memory
+      // after a cluster barrier took a barrier round trip and then a remote load round trip:
+      // the remote loads alone were a seventh of the row kernel's stall samples at B = 1.)
+      // The partials are in fragment order, each thread's accumulators as consecutive float4s.
       static_assert(kSplit == 1 || kMT == 1, "split tiles have one m-tile");
-      float4* mine = reinterpret_cast<float4*>(w.ps) + warp * kNT * 32 + lane;
-      ClusterWait();
+      constexpr int kSlotFloat4s = S::kSlotBytes / sizeof(float4);
+      float4* const slots = reinterpret_cast<float4*>(w.ps) + warp * kNT * 32 + lane;
+      float4 own[kNT];
 #pragma unroll
       for (int n = 0; n < kNT; ++n) {
-        mine[n * 32] = make_float4(acc2[0][n][0], acc2[0][n][1], acc2[0][n][2], acc2[0][n][3]);
+        own[n] = make_float4(acc2[0][n][0], acc2[0][n][1], acc2[0][n][2], acc2[0][n][3]);
       }
-      ClusterArrivePublish();
       ClusterWait();
+#pragma unroll
+      for (int d = 1; d < kSplit; ++d) {
+        const int peer = (rank + d) % kSplit;
+        const uint32_t bar = MapShared(exchange_bar, peer);
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) {
+          StoreAsyncCluster(MapShared(slots + rank * kSlotFloat4s + n * 32, peer), own[n], bar);
+        }
+      }
+      MbarrierWaitCluster(exchange_bar, w.exchange_parity);
       float4 part[kSplit][kNT];
 #pragma unroll
       for (int q = 0; q < kSplit; ++q)
 #pragma unroll
         for (int n = 0; n < kNT; ++n) {
-          const uint4 u = LoadCluster16(MapShared(mine + n * 32, q));
-          part[q][n] = make_float4(__uint_as_float(u.x), __uint_as_float(u.y),
-                                   __uint_as_float(u.z), __uint_as_float(u.w));
+          part[q][n] = q == rank ? own[n] : slots[q * kSlotFloat4s + n * 32];
         }
       ZeroAcc(acc2);
 #pragma unroll
@@ -706,8 +756,6 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
         x1[1] += (acc2[m][n][3] + b1) * g1;
       }
     }
-    // Done reading the peers' partials: the values are consumed by the stores above.
-    if constexpr (kSplit > 1) ClusterArrive();
     __syncthreads();
     if (w.x_dst != nullptr) {
       // A split tile's CTAs hold the same residual: each writes its share.

@@ -24,13 +24,23 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
   w.ss = w.xs + kM * kXs;
   w.as = reinterpret_cast<T*>(smem + sizeof(float) * kM * kXs + S::kOutBytes);
   w.vs = reinterpret_cast<float*>(w.as + kM * kAs);
-  // Split: the partial product after the vectors (VectorBytes at kMaxStagedFF).
+  // Split: the exchange's slots after the vectors (VectorBytes at kMaxStagedFF).
   w.ps = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(w.vs) +
                                   VectorBytes(kD, kMaxStagedFF));
+  __shared__ uint64_t exchange_bar;
+  w.exchange_bar = &exchange_bar;
+  w.exchange_parity = 0;
   w.rank = blockIdx.x % kSplit;  // in the cluster: its CTAs are consecutive in x
-  // The arrival before the passes' exchange of partial products (RowTilePasses).
+  // The exchange's mbarrier, and the arrival that makes it visible to the peers before the
+  // passes' exchange of partial products (RowTilePasses).
   if constexpr (kSplit > 1) {
-    if (p.post_layer >= 0) ClusterArrive();
+    if (p.post_layer >= 0) {
+      if (threadIdx.x == 0) {
+        MbarrierInit(&exchange_bar, 1);
+        FenceMbarrierInit();
+      }
+      ClusterArrive();
+    }
   }
 
   LaunchDependents();
@@ -93,21 +103,19 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
     }
   }
   __syncthreads();  // the row passes read rows that other warps loaded
+  // No cluster barrier at the end: the peers only write into this CTA's shared memory, and it
+  // waits for all of their stores before it goes on.
   RowTilePasses<P, kD, kMT, kSplit>(w, frags);
-  // No CTA leaves while a peer may still read its partial product.
-  if constexpr (kSplit > 1) {
-    if (p.post_layer >= 0) ClusterWait();
-  }
 }
 
 template <Precision P, int kD, int kMT, int kSplit>
 absl::Status LaunchRowT(const RowParams& params, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   using S = RowShape<P, kD, kMT>;
-  constexpr size_t kPartial = kSplit > 1 ? S::kPartialBytes : 0;
+  constexpr size_t kPartial = kSplit > 1 ? S::ExchangeBytes(kSplit) : 0;
   const void* func = reinterpret_cast<const void*>(&RowKernel<P, kD, kMT, kSplit>);
   // The limit is raised once, to what the largest staged F needs; a launch asks for its own
-  // (with a split, the partial product sits after the largest vectors).
+  // (with a split, the exchange sits after the largest vectors).
   const size_t max_smem = S::kSmemBytes + VectorBytes(kD, kMaxStagedFF) + kPartial;
   if (absl::Status s = AllowDynamicSmem(func, max_smem, smem_set); !s.ok()) return s;
   const size_t smem =
