@@ -6,8 +6,8 @@
 //               a CTA past its attention writes the next layer's while others still read these);
 //   attention   the tile's 16 queries (joint rows of its sample), two heads per CTA, the keys
 //               split over four warps per head (attention_split_keys.cuh);
-//   cluster barrier  each CTA copies the tile's attention rows of all heads from its peers'
-//               shared memory into its operand buffer.
+//   gather      each CTA pushes its heads' attention rows into every CTA's operand buffer
+//               (st.async, counted by the receiver's mbarrier).
 // A layer's only global round trips are the q/k/v exchange and the barrier, and the next layer's
 // vectors, modulation and first weight fragments load while the barrier waits. Measured on an
 // H100 at B = 1 it takes the same time as one launch per kernel (docs/BENCHMARKS.md): with
@@ -49,8 +49,7 @@ struct AttentionSmem {
 
 // Shared memory: the row passes' regions (as the row kernel lays them out), then the slots of the
 // partial down products (written by the peers), whose space the attention phase's buffers reuse,
-// then the RoPE rows of the tile and the attention output rows of the CTA's heads (read by its
-// peers).
+// then the RoPE rows of the tile.
 constexpr size_t kXsBytes = sizeof(float) * Shape::kM * Shape::kXs;
 constexpr size_t kAsOffset = kXsBytes + Shape::kOutBytes;
 constexpr size_t kVsOffset = kAsOffset + sizeof(bf16) * Shape::kM * Shape::kAs;
@@ -59,11 +58,11 @@ constexpr size_t kRopeOffset =
     kPsOffset + (Shape::ExchangeBytes(kSplit) > sizeof(AttentionSmem)
                      ? Shape::ExchangeBytes(kSplit)
                      : sizeof(AttentionSmem));
-constexpr size_t kStageOffset = kRopeOffset + sizeof(float2) * Shape::kM * (kHeadDim / 2);
-constexpr size_t kSmemBytes = kStageOffset + sizeof(bf16) * Shape::kM * Shape::kAs;
-static_assert(kPsOffset % 16 == 0 && kRopeOffset % 16 == 0 && kStageOffset % 16 == 0 &&
-                  Shape::kAs * sizeof(bf16) % 16 == 0,
+constexpr size_t kSmemBytes = kRopeOffset + sizeof(float2) * Shape::kM * (kHeadDim / 2);
+static_assert(kPsOffset % 16 == 0 && kRopeOffset % 16 == 0 && Shape::kAs * sizeof(bf16) % 16 == 0,
               "16-byte aligned regions and rows");
+// The bytes of attention rows a CTA receives per layer: its peers' heads, 16 rows each.
+constexpr unsigned kGatherBytes = (kSplit - 1) * kHeadsPerCta * Shape::kM * kHeadDim * 2;
 
 // The grid barrier: arrivals count up through the launch (the target of layer l's barrier is
 // (l + 1) x grid); each CTA then counts its departure after its last barrier, and the last one
@@ -106,11 +105,11 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   w.as = reinterpret_cast<bf16*>(smem + kAsOffset);
   w.vs = reinterpret_cast<float*>(smem + kVsOffset);
   w.ps = reinterpret_cast<float*>(smem + kPsOffset);
-  __shared__ uint64_t exchange_bar;  // outside the attention's buffers: it keeps its phase
+  // Outside the attention's buffers, which reuse the slots: the mbarriers keep their phases.
+  __shared__ uint64_t exchange_bar, gather_bar;
   w.exchange_bar = &exchange_bar;
   AttentionSmem& attn = *reinterpret_cast<AttentionSmem*>(smem + kPsOffset);
   float2* rope = reinterpret_cast<float2*>(smem + kRopeOffset);
-  bf16* stage = reinterpret_cast<bf16*>(smem + kStageOffset);  // this CTA's heads' output rows
   w.rank = blockIdx.x % kSplit;
 
   const RowTile tile = p.tiles[blockIdx.x / kSplit];
@@ -172,10 +171,11 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   }
   if (threadIdx.x == 0) {
     MbarrierInit(&exchange_bar, 1);
+    MbarrierInit(&gather_bar, 1);
     FenceMbarrierInit();
   }
   __syncthreads();
-  ClusterArrive();  // the first gather (after layer 0's attention) starts with a wait
+  ClusterArrive();  // the first gather waits for it: every CTA's mbarriers are initialised
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int head = w.rank * kHeadsPerCta + warp / kKeyWarps;
@@ -185,9 +185,6 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   for (int l = 0;; ++l) {
     w.exchange_parity = (l + 1) & 1;  // layer l > 0 has the (l - 1)th exchange
     RowTilePasses<kP, kD, 1, kSplit>(w, frags);
-    // The exchange starts with a wait; this arrival is the one that the next gather (or the
-    // final wait) pairs with.
-    if (l > 0) ClusterArrive();
     if (l == p.num_layers) break;
 
     // Layer l's q, k and v are out: arrive, set up the next row phase while the others finish,
@@ -212,35 +209,37 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
     attn.part[warp][lane] = SplitKeysWarp<false>(
         at, q0, qkv[l & 1][0] + head_base, qkv[l & 1][1] + head_base, qkv[l & 1][2] + head_base,
         kD, mask, fp.scale_log2, warp % kKeyWarps, kKeyWarps, attn.warp[warp]);
+    if (threadIdx.x == 0) MbarrierArriveExpectTx(&gather_bar, kGatherBytes);
     __syncthreads();
+    if (l == 0) ClusterWait();  // the peers' gather mbarriers are initialised
     if (warp % kKeyWarps == 0) {
+      // The head's rows into this CTA's operand buffer and into each peer's. Their operand
+      // buffers are free: every CTA finished its row phase before the grid barrier.
       float out[2][4];
       CombineSplitKeys(attn.part + warp, kKeyWarps, fp.scale_log2, out);
+      uint32_t bars[kSplit];
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        bf16* dst = stage + g * Shape::kAs + head * kHeadDim + 8 * n + 2 * t;
-        Store2(dst, out[n][0], out[n][1]);
-        Store2(dst + 8 * Shape::kAs, out[n][2], out[n][3]);
-      }
+      for (int q = 0; q < kSplit; ++q) bars[q] = MapShared(&gather_bar, q);
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          bf16* dst = w.as + (g + 8 * h) * Shape::kAs + head * kHeadDim + 8 * n + 2 * t;
+          const uint32_t v = PackBf16(out[n][2 * h], out[n][2 * h + 1]);
+          *reinterpret_cast<uint32_t*>(dst) = v;
+#pragma unroll
+          for (int q = 0; q < kSplit; ++q) {
+            if (q != w.rank) StoreAsyncCluster(MapShared(dst, q), v, bars[q]);
+          }
+        }
     }
-    // Publish this CTA's heads, then gather every head's rows into the operand buffer: 16 bytes
-    // per thread, from the CTA that owns the head.
-    ClusterWait();
-    ClusterArrivePublish();
-    ClusterWait();
-    {
-      static_assert(Shape::kM * kD * sizeof(bf16) == 16 * kThreads, "one 16-byte load per thread");
-      const int r = threadIdx.x / (kD / 8), c = (threadIdx.x % (kD / 8)) * 8;
-      const int owner = c / kHeadDim / kHeadsPerCta;
-      *reinterpret_cast<uint4*>(w.as + r * Shape::kAs + c) =
-          LoadCluster16(MapShared(stage + r * Shape::kAs + c, owner));
-    }
+    MbarrierWaitCluster(&gather_bar, l & 1);
+    // Pairs with the next exchange's wait: by then every CTA of the cluster has its rows, so
+    // each is done with the attention's buffers, where the peers' partials go.
+    ClusterArrive();
     StoreModulation<kD>(w.vs, mv);
     __syncthreads();
-    ClusterArrive();  // done reading the peers' rows and done with the attention's buffers,
-                      // which the peers' partials overwrite: the exchange starts with a wait
   }
-  ClusterWait();  // no CTA leaves while a peer may still read its shared memory
 }
 
 // A launch of `ctas` CTAs in clusters of kSplit; `launch`: also programmatic serialization (the

@@ -392,6 +392,13 @@ __device__ __forceinline__ void StoreAsyncCluster(uint32_t addr, float4 v, uint3
       "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
       : "memory");
 }
+// 4 bytes into a peer's shared memory, as StoreAsyncCluster.
+__device__ __forceinline__ void StoreAsyncCluster(uint32_t addr, uint32_t v, uint32_t bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(addr),
+      "r"(v), "r"(bar)
+      : "memory");
+}
 // The exchange's local mbarrier: armed with the bytes the peers will send (one arrival), and waited
 // on with acquire at cluster scope, since the peers' stores complete it.
 __device__ __forceinline__ void MbarrierArriveExpectTx(uint64_t* bar, unsigned bytes) {
