@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
           }
         }
     }
-    MbarrierWaitCluster(&gather_bar, l & 1);
+    MbarrierWait</*kCluster=*/true>(&gather_bar, l & 1);
     // Pairs with the next exchange's wait: by then every CTA of the cluster has its rows, so
     // each is done with the attention's buffers, where the peers' partials go.
     ClusterArrive();

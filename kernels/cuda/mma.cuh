@@ -251,27 +251,42 @@ __device__ __forceinline__ void FenceMbarrierInit() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 
+// Waits until phase `parity` of `bar` is complete. kCluster: with acquire at cluster scope, for
+// phases that other CTAs' stores complete (st.async); otherwise at CTA scope (bulk copies, this
+// CTA's arrivals).
+#define MMDIT_MBARRIER_TRY_WAIT(sem)                                               \
+  "{\n.reg .pred p;\nmbarrier.try_wait.parity" sem ".shared::cta.b64 p, [%1], %2;\n" \
+  "selp.u32 %0, 1, 0, p;\n}\n"
+template <bool kCluster = false>
 __device__ __forceinline__ void MbarrierWait(uint64_t* bar, unsigned parity) {
   uint32_t done = 0;
   while (!done) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(SmemAddr(bar)), "r"(parity)
-        : "memory");
+    if constexpr (kCluster) {
+      asm volatile(MMDIT_MBARRIER_TRY_WAIT(".acquire.cluster")
+                   : "=r"(done)
+                   : "r"(SmemAddr(bar)), "r"(parity)
+                   : "memory");
+    } else {
+      asm volatile(MMDIT_MBARRIER_TRY_WAIT("")
+                   : "=r"(done)
+                   : "r"(SmemAddr(bar)), "r"(parity)
+                   : "memory");
+    }
   }
+}
+#undef MMDIT_MBARRIER_TRY_WAIT
+
+// An arrival on `bar` that also expects `bytes` more of asynchronous writes in its phase.
+__device__ __forceinline__ void MbarrierArriveExpectTx(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
 }
 
 // One bulk copy global -> shared that completes the current phase of `bar`.
 __device__ __forceinline__ void BulkLoad(void* dst, const void* src, unsigned bytes,
                                          uint64_t* bar) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
-               "r"(bytes)
-               : "memory");
+  MbarrierArriveExpectTx(bar, bytes);
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
           "r"(SmemAddr(dst)),

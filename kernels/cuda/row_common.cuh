@@ -399,28 +399,6 @@ __device__ __forceinline__ void StoreAsyncCluster(uint32_t addr, uint32_t v, uin
       "r"(v), "r"(bar)
       : "memory");
 }
-// The exchange's local mbarrier: armed with the bytes the peers will send (one arrival), and waited
-// on with acquire at cluster scope, since the peers' stores complete it.
-__device__ __forceinline__ void MbarrierArriveExpectTx(uint64_t* bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void MbarrierWaitCluster(uint64_t* bar, unsigned parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(SmemAddr(bar)), "r"(parity)
-        : "memory");
-  }
-}
-
 // Where vs[i] (VectorOffset, the weights' part: below kVGateAttn, then up_b at kVUpB) comes from
 // for the finishing layer's weights wp and the q/k/v layer's wq; null: zero.
 template <int kD>
@@ -631,7 +609,8 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
   uint64_t* const exchange_bar = w.exchange_bar;
   if (w.wp != nullptr) {
     if constexpr (kSplit > 1) {
-      // Armed now, the wait below completes once all the peers' partials are in.
+      // Armed now (one arrival, and the bytes the peers will send), the wait below completes once
+      // all the peers' partials are in.
       if (threadIdx.x == 0) {
         MbarrierArriveExpectTx(exchange_bar, (kSplit - 1) * static_cast<unsigned>(S::kSlotBytes));
       }
@@ -729,7 +708,7 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
           StoreAsyncCluster(MapShared(slots + rank * kSlotFloat4s + n * 32, peer), own[n], bar);
         }
       }
-      MbarrierWaitCluster(exchange_bar, w.exchange_parity);
+      MbarrierWait</*kCluster=*/true>(exchange_bar, w.exchange_parity);
       float4 part[kSplit][kNT];
 #pragma unroll
       for (int q = 0; q < kSplit; ++q)
