@@ -345,10 +345,11 @@ __device__ __forceinline__ void StoreRow(T* out, const float (&v)[kCols]) {
 }
 
 // Distributed shared memory by address in the shared::cluster window, and the cluster barrier
-// halves for exchanges in which each CTA writes its own shared memory and its peers read it
-// (pull). A release arrive at cluster scope is a GPU-wide fence in SASS (MEMBAR.ALL.GPU and an
-// error barrier that waits for every outstanding access); the fences restricted to shared memory
-// are CTA-level fences, and the arrivals themselves relaxed.
+// halves. The exchanges push their data into the peers' shared memory (st.async below, counted
+// by the receiver's mbarrier), so the cluster barrier only orders phases: a peer's mbarrier is
+// initialised, or a buffer no longer in use, before a CTA writes into it. Its arrivals are
+// relaxed (a release arrive at cluster scope is a GPU-wide fence in SASS: MEMBAR.ALL.GPU and an
+// error barrier that waits for every outstanding access).
 __device__ __forceinline__ uint32_t MapShared(const void* p, int rank) {
   uint32_t r;
   asm("mapa.shared::cluster.u32 %0, %1, %2;\n"
@@ -356,27 +357,12 @@ __device__ __forceinline__ uint32_t MapShared(const void* p, int rank) {
       : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
   return r;
 }
-__device__ __forceinline__ uint4 LoadCluster16(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
-// Arrival after this CTA's stores into its own shared memory, which the peers read after their
-// wait.
-__device__ __forceinline__ void ClusterArrivePublish() {
-  asm volatile(
-      "fence.release.sync_restrict::shared::cta.cluster;\n"
-      "barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-}
-// Arrival with no ordering: this CTA is done reading its peers' shared memory (the values read
-// are already consumed by later shared-memory stores, so the loads are complete).
+// Arrival with no ordering of memory: an mbarrier's initialisation has its own fence
+// (FenceMbarrierInit), and a buffer's last reads have been consumed, so they are complete.
 __device__ __forceinline__ void ClusterArrive() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 }
-// Wait for every CTA's arrival; the peers' published shared memory is visible afterwards.
+// Wait for every CTA's arrival (then an acquire fence restricted to shared memory).
 __device__ __forceinline__ void ClusterWait() {
   asm volatile(
       "barrier.cluster.wait.aligned;\n"
