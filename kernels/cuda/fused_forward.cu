@@ -62,7 +62,8 @@ constexpr size_t kSmemBytes = kRopeOffset + sizeof(float2) * Shape::kM * (kHeadD
 static_assert(kPsOffset % 16 == 0 && kRopeOffset % 16 == 0 && Shape::kAs * sizeof(bf16) % 16 == 0,
               "16-byte aligned regions and rows");
 // The bytes of attention rows a CTA receives per layer: its peers' heads, 16 rows each.
-constexpr unsigned kGatherBytes = (kSplit - 1) * kHeadsPerCta * Shape::kM * kHeadDim * 2;
+constexpr unsigned kGatherBytes =
+    (kSplit - 1) * kHeadsPerCta * Shape::kM * kHeadDim * sizeof(bf16);
 
 // The grid barrier: arrivals count up through the launch (the target of layer l's barrier is
 // (l + 1) x grid); each CTA then counts its departure after its last barrier, and the last one
