@@ -524,7 +524,9 @@ struct RowWork {
 };
 
 // The q/k/v passes [QkvBegin, QkvEnd) of a cluster CTA.
-__device__ __forceinline__ int QkvBegin(int rank, int split) { return (3 * rank + split - 1) / split; }
+__device__ __forceinline__ int QkvBegin(int rank, int split) {
+  return (3 * rank + split - 1) / split;
+}
 __device__ __forceinline__ int QkvEnd(int rank, int split) {
   return (3 * (rank + 1) + split - 1) / split;
 }
