@@ -47,8 +47,8 @@ struct RowShape {
   static constexpr size_t kSmemBytes =
       sizeof(float) * kM * kXs + kOutBytes + sizeof(T) * kM * kAs;
   // With a cluster split of `split` CTAs: one slot per rank for the partial down products
-  // (RowTilePasses).
-  static constexpr size_t kSlotBytes = sizeof(float) * kM * kD;
+  // (RowTilePasses; bf16 sends them rounded to bf16, PartialUnits).
+  static constexpr size_t kSlotBytes = sizeof(T) * kM * kD;
   __host__ __device__ static constexpr size_t ExchangeBytes(int split) {
     return split * kSlotBytes;
   }
@@ -371,11 +371,11 @@ __device__ __forceinline__ void ClusterWait() {
 
 // 16 bytes into a peer's shared memory (shared::cluster addresses), counted in bytes by the peer's
 // mbarrier `bar`: the peer sees the data once it sees the mbarrier's phase complete.
-__device__ __forceinline__ void StoreAsyncCluster(uint32_t addr, float4 v, uint32_t bar) {
+__device__ __forceinline__ void StoreAsyncCluster(uint32_t addr, uint4 v, uint32_t bar) {
   asm volatile(
-      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, "
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, "
       "[%5];\n" ::"r"(addr),
-      "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
+      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(bar)
       : "memory");
 }
 // 4 bytes into a peer's shared memory, as StoreAsyncCluster.
@@ -385,6 +385,55 @@ __device__ __forceinline__ void StoreAsyncCluster(uint32_t addr, uint32_t v, uin
       "r"(v), "r"(bar)
       : "memory");
 }
+// A thread's partial down product (its kNT n8 tiles' accumulators) as the 16-byte units the
+// cluster exchanges: fp32 one tile per unit; bf16 two tiles per unit, rounded to bf16. The
+// exchange's time follows its bytes: at B = 1 it was ~1.3 us of a ~10 us layer with 24 KB sent
+// per CTA in fp32, and half the bytes took ~0.4 us off. The rounding is the one the bf16 forward
+// applies to every GEMM operand (the fixtures' errors did not move).
+template <Precision P, int kNT>
+struct PartialUnits {
+  static constexpr int kTilesPerUnit = P == Precision::kBf16 ? 2 : 1;
+  static constexpr int kUnits = kNT / kTilesPerUnit;
+  static_assert(kUnits * kTilesPerUnit == kNT, "whole units");
+  uint4 u[kUnits];
+
+  __device__ __forceinline__ void Pack(const float (&acc)[kNT][4]) {
+#pragma unroll
+    for (int i = 0; i < kUnits; ++i) {
+      if constexpr (P == Precision::kBf16) {
+        const float(&a)[4] = acc[2 * i];
+        const float(&b)[4] = acc[2 * i + 1];
+        u[i] = make_uint4(PackBf16(a[0], a[1]), PackBf16(a[2], a[3]), PackBf16(b[0], b[1]),
+                          PackBf16(b[2], b[3]));
+      } else {
+        u[i] = make_uint4(__float_as_uint(acc[i][0]), __float_as_uint(acc[i][1]),
+                          __float_as_uint(acc[i][2]), __float_as_uint(acc[i][3]));
+      }
+    }
+  }
+  __device__ __forceinline__ void AddTo(float (&acc)[kNT][4]) const {
+#pragma unroll
+    for (int i = 0; i < kUnits; ++i) {
+      if constexpr (P == Precision::kBf16) {
+        const float2 v[4] = {UnpackBf16(u[i].x), UnpackBf16(u[i].y), UnpackBf16(u[i].z),
+                             UnpackBf16(u[i].w)};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          acc[2 * i + h][0] += v[2 * h].x;
+          acc[2 * i + h][1] += v[2 * h].y;
+          acc[2 * i + h][2] += v[2 * h + 1].x;
+          acc[2 * i + h][3] += v[2 * h + 1].y;
+        }
+      } else {
+        acc[i][0] += __uint_as_float(u[i].x);
+        acc[i][1] += __uint_as_float(u[i].y);
+        acc[i][2] += __uint_as_float(u[i].z);
+        acc[i][3] += __uint_as_float(u[i].w);
+      }
+    }
+  }
+};
+
 // Where vs[i] (VectorOffset, the weights' part: below kVGateAttn, then up_b at kVUpB) comes from
 // for the finishing layer's weights wp and the q/k/v layer's wq; null: zero.
 template <int kD>
@@ -677,43 +726,35 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
       // stays identical across the cluster. (Pulling the partials from the peers' shared memory
       // after a cluster barrier took a barrier round trip and then a remote load round trip:
       // the remote loads alone were a seventh of the row kernel's stall samples at B = 1.)
-      // The partials are in fragment order, each thread's accumulators as consecutive float4s.
+      // The partials are in fragment order, each thread's units (PartialUnits) 32 apart.
       static_assert(kSplit == 1 || kMT == 1, "split tiles have one m-tile");
-      constexpr int kSlotFloat4s = S::kSlotBytes / sizeof(float4);
-      float4* const slots = reinterpret_cast<float4*>(w.ps) + warp * kNT * 32 + lane;
-      float4 own[kNT];
-#pragma unroll
-      for (int n = 0; n < kNT; ++n) {
-        own[n] = make_float4(acc2[0][n][0], acc2[0][n][1], acc2[0][n][2], acc2[0][n][3]);
-      }
+      using Units = PartialUnits<P, kNT>;
+      constexpr int kSlotUnits = S::kSlotBytes / sizeof(uint4);
+      static_assert(kSlotUnits == kThreads * Units::kUnits, "a slot holds every thread's units");
+      uint4* const slots = reinterpret_cast<uint4*>(w.ps) + warp * Units::kUnits * 32 + lane;
+      Units own;
+      own.Pack(acc2[0]);
       ClusterWait();
 #pragma unroll
       for (int d = 1; d < kSplit; ++d) {
         const int peer = (rank + d) % kSplit;
         const uint32_t bar = MapShared(exchange_bar, peer);
 #pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          StoreAsyncCluster(MapShared(slots + rank * kSlotFloat4s + n * 32, peer), own[n], bar);
+        for (int i = 0; i < Units::kUnits; ++i) {
+          StoreAsyncCluster(MapShared(slots + rank * kSlotUnits + i * 32, peer), own.u[i], bar);
         }
       }
       MbarrierWait</*kCluster=*/true>(exchange_bar, w.exchange_parity);
-      float4 part[kSplit][kNT];
+      Units part[kSplit];
 #pragma unroll
       for (int q = 0; q < kSplit; ++q)
 #pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          part[q][n] = q == rank ? own[n] : slots[q * kSlotFloat4s + n * 32];
+        for (int i = 0; i < Units::kUnits; ++i) {
+          part[q].u[i] = q == rank ? own.u[i] : slots[q * kSlotUnits + i * 32];
         }
       ZeroAcc(acc2);
 #pragma unroll
-      for (int q = 0; q < kSplit; ++q)
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) {
-          acc2[0][n][0] += part[q][n].x;
-          acc2[0][n][1] += part[q][n].y;
-          acc2[0][n][2] += part[q][n].z;
-          acc2[0][n][3] += part[q][n].w;
-        }
+      for (int q = 0; q < kSplit; ++q) part[q].AddTo(acc2[0]);
     }
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
