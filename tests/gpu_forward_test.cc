@@ -186,17 +186,19 @@ int RowTiles16(const RandomBatch& b) {
 // Row tiles: 16 tokens on one CTA or on a cluster (CudaForwardOptions::row_cluster_split), or 64;
 // attention tiles of 64, 128 or 256 queries (256: bf16 only), or 16 with the keys split over
 // warps (bf16; fp32 takes 64 there). `fused` (bf16): the one-launch forward where the batch fits
-// it, the kernels of rows16x4_q16 otherwise.
+// it, the kernels of rows16x4_q16 otherwise; `fused_layers`: the same with one launch per layer.
 struct RowTiling {
   int rows;
   int cluster_split;
   int attn_queries;
   const char* name;
   bool fused = false;
+  bool fused_layers = false;
 };
 const RowTiling kRows16{16, 1, 64, "rows16"}, kRows16Split2{16, 2, 64, "rows16x2"},
     kRows16Split4{16, 4, 16, "rows16x4_q16"}, kRows64{64, 1, 128, "rows64"},
-    kRows64Q256{64, 1, 256, "rows64_q256"}, kFused{16, 4, 16, "fused", true};
+    kRows64Q256{64, 1, 256, "rows64_q256"}, kFused{16, 4, 16, "fused", true},
+    kFusedLayers{16, 4, 16, "fused_layers", false, true};
 
 // The last parameter selects the kernels kept for comparison (the mma.sync row kernel and the
 // one-CTA-per-item attention) instead of the bf16 defaults on Hopper.
@@ -220,20 +222,27 @@ TEST_P(GpuRandomTest, MatchesReference) {
   options.use_wgmma = !comparison_kernels;
   options.persistent_attention = !comparison_kernels;
   options.fused_forward = tiling.fused;
+  options.fused_layers = tiling.fused_layers;
   absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, options);
   ASSERT_TRUE(fwd.ok()) << fwd.status();
   RandomBatch b = MakeCase(config, c, 99 + c.batch);
   ASSERT_TRUE((*fwd)->Run(b.samples).ok());
-  if (!tiling.fused) {
-    EXPECT_FALSE((*fwd)->fused());
-  } else if (RowTiles16(b) <= kFusedFitsEverywhere && HopperOrLater()) {
-    EXPECT_TRUE((*fwd)->fused());
+  const bool fits = RowTiles16(b) <= kFusedFitsEverywhere && HopperOrLater() &&
+                    precision == CudaPrecision::kBf16;
+  if (!tiling.fused) EXPECT_FALSE((*fwd)->fused());
+  if (!tiling.fused_layers) EXPECT_FALSE((*fwd)->fused_layers());
+  if (fits) {
+    EXPECT_EQ((*fwd)->fused(), tiling.fused);
+    EXPECT_EQ((*fwd)->fused_layers(), tiling.fused_layers);
   }
   const std::vector<int> idx = CheckedSamples(c.batch, c.checked);
   const double err = CompareWithReference(weights, b, idx);
   std::printf("%s %s %s%s%s: rel err %.3g over %zu of %d samples\n", c.name.c_str(),
               Name(precision), tiling.name, comparison_kernels ? " (comparison kernels)" : "",
-              (*fwd)->fused() ? " (one launch)" : "", err, idx.size(), c.batch);
+              (*fwd)->fused()          ? " (one launch)"
+              : (*fwd)->fused_layers() ? " (one launch per layer)"
+                                       : "",
+              err, idx.size(), c.batch);
   EXPECT_LE(err, Tolerance(precision));
 
   // Deterministic: a second run on poisoned outputs gives the same bits.
@@ -278,11 +287,13 @@ INSTANTIATE_TEST_SUITE_P(Queries256, GpuRandomTest,
                                             ::testing::Values(false)),
                          RandomName);
 
-// The one-launch forward is bf16 only: in fp32 its tiling is rows16x4_q16's, tested above.
+// The one-launch forward and the launch per layer are bf16 only: in fp32 their tiling is
+// rows16x4_q16's, tested above.
 INSTANTIATE_TEST_SUITE_P(OneLaunch, GpuRandomTest,
                          ::testing::Combine(::testing::ValuesIn(kCases),
                                             ::testing::Values(CudaPrecision::kBf16),
-                                            ::testing::Values(kFused), ::testing::Values(false)),
+                                            ::testing::Values(kFused, kFusedLayers),
+                                            ::testing::Values(false)),
                          RandomName);
 
 INSTANTIATE_TEST_SUITE_P(ComparisonKernels, GpuRandomTest,
@@ -699,7 +710,8 @@ TEST(GpuForwardTest, UnsupportedShapeIsUnimplemented) {
 }
 
 // With the one-launch forward allowed, a batch of one at the target shape runs as one launch
-// (bf16, Hopper) and matches the reference and the launch-per-kernel forward.
+// (bf16, Hopper), and with the launch per layer allowed as one launch per layer; both match the
+// reference and the launch-per-kernel forward.
 TEST(GpuForwardTest, OneSampleRunsAsOneLaunch) {
   SKIP_WITHOUT_GPU();
   if (!HopperOrLater()) GTEST_SKIP() << "the one-launch forward needs compute capability 9.0";
@@ -707,19 +719,23 @@ TEST(GpuForwardTest, OneSampleRunsAsOneLaunch) {
   config.num_layers = 4;
   const ModelWeights weights = ModelWeights::Deterministic(config, 21);
   std::vector<std::vector<float>> outputs;
-  for (bool fused : {true, false}) {
+  enum Mode { kOneLaunch, kPerLayer, kPerKernel };
+  for (Mode mode : {kOneLaunch, kPerLayer, kPerKernel}) {
     CudaForwardOptions options;
     options.max_seq_len = 186;
     options.max_context_len = 64;
-    options.fused_forward = fused;
+    options.fused_forward = mode == kOneLaunch;
+    options.fused_layers = mode == kPerLayer;
     auto fwd = CudaForward::Create(weights, options);
     ASSERT_TRUE(fwd.ok()) << fwd.status();
     RandomBatch b = testing::MakeRandomBatch(config, {{186, 64}}, true, 5);
     ASSERT_TRUE((*fwd)->Run(b.samples).ok());
-    EXPECT_EQ((*fwd)->fused(), fused);
+    EXPECT_EQ((*fwd)->fused(), mode == kOneLaunch);
+    EXPECT_EQ((*fwd)->fused_layers(), mode == kPerLayer);
     EXPECT_LE(CompareWithReference(weights, b, {0}), kBf16Tolerance);
     // Run after run, the same bits: the grid barrier's counters are back at zero after each
-    // launch, and no CTA reads a layer's q, k or v while another writes the next layer's.
+    // launch, and no CTA reads a layer's q, k or v while another writes the next layer's (nor,
+    // launched per layer, a tile's residual rows while a peer writes them).
     std::vector<float> first = b.x_out[0];
     for (int run = 0; run < 5; ++run) {
       Poison(b.samples[0], config.dim);
@@ -728,8 +744,9 @@ TEST(GpuForwardTest, OneSampleRunsAsOneLaunch) {
     }
     outputs.push_back(first);
   }
-  // The same kernels' arithmetic in both: only the order of a few sums differs.
-  EXPECT_LE(testing::RelativeError(outputs[0], outputs[1]), 5e-3);
+  // The same kernels' arithmetic in all three: only the order of a few sums differs.
+  EXPECT_LE(testing::RelativeError(outputs[kOneLaunch], outputs[kPerKernel]), 5e-3);
+  EXPECT_LE(testing::RelativeError(outputs[kPerLayer], outputs[kPerKernel]), 5e-3);
 }
 
 // A model deeper than the one-launch forward stages runs one launch per kernel even where the
@@ -768,17 +785,18 @@ TEST(GpuForwardTest, SanitizerCase) {
   const ModelWeights weights = ModelWeights::Deterministic(config, 3);
   for (CudaPrecision p : {CudaPrecision::kBf16, CudaPrecision::kFp32Accurate}) {
     // 2, 4: 16-token tiles split over clusters of that size, with 4 (bf16) attention split over
-    // keys; 1: the same tiling as 4 as one launch (bf16); 0: 64-token tiles on the comparison
-    // kernels; 256 (bf16): 256-query attention tiles with a sample of four 256-key stages, so
-    // that one of the kernel's three stage buffers is refilled.
-    for (int variant : {16, 2, 4, 1, 64, 0, 256}) {
-      const bool fused = variant == 1;
+    // keys; 1 and 3: the same tiling as 4 as one launch and as one launch per layer (bf16); 0:
+    // 64-token tiles on the comparison kernels; 256 (bf16): 256-query attention tiles with a
+    // sample of four 256-key stages, so that one of the kernel's three stage buffers is refilled.
+    for (int variant : {16, 2, 4, 1, 3, 64, 0, 256}) {
+      const bool fused = variant == 1, fused_layers = variant == 3;
       const bool long_keys = variant == 256;
       if (long_keys && p != CudaPrecision::kBf16) continue;
-      if (fused) variant = 4;
+      if (fused || fused_layers) variant = 4;
       const int rows = variant == 0 || variant >= 64 ? 64 : 16;
       CudaForwardOptions options = SizedFor(3, long_keys ? 800 : 70, 9);
       options.fused_forward = fused;
+      options.fused_layers = fused_layers;
       options.use_wgmma = variant != 0;
       options.persistent_attention = variant != 0;
       options.row_cluster_split = variant == 2 || variant == 4 ? variant : 1;
@@ -792,6 +810,8 @@ TEST(GpuForwardTest, SanitizerCase) {
           config, {{long_keys ? 800 : 70, 9}, {1, 1}, {17, 3}}, true, 11);
       ASSERT_TRUE((*fwd)->Run(b.samples).ok());
       EXPECT_EQ((*fwd)->fused(), fused && p == CudaPrecision::kBf16 && HopperOrLater());
+      EXPECT_EQ((*fwd)->fused_layers(),
+                fused_layers && p == CudaPrecision::kBf16 && HopperOrLater());
       EXPECT_LE(CompareWithReference(weights, b, {0, 1, 2}), Tolerance(p));
     }
   }

@@ -264,6 +264,7 @@ class CudaForwardImpl {
       num_attn_tiles = 0;
   int tile_rows = 64, tile_queries = 128, cluster_split = 1;
   bool fused = false;  // the staged batch runs as one launch (fused_forward.cu)
+  bool fused_layers = false;  // or as one launch per layer (the same kernel)
   bool head_major = false;  // its q/k/v and attention output head by head (RowParams::head_major)
   // The staged batch's row and attention kernels overlap, synchronised per sample
   // (CudaForwardOptions::per_sample_sync) through d_progress: [layer][2][max_batch_size]
@@ -503,8 +504,8 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
     if (absl::Status s = Alloc(buf, t_bytes); !s.ok()) return s;
   }
   static_assert(cuda::kFusedMaxLayers == kFusedForwardMaxLayers);
-  if (options.fused_forward && precision == Precision::kBf16 && d == 128 &&
-      clusters_supported && f <= cuda::kFusedMaxDimFF && n <= cuda::kFusedMaxLayers) {
+  if ((options.fused_forward || options.fused_layers) && precision == Precision::kBf16 &&
+      d == 128 && clusters_supported && f <= cuda::kFusedMaxDimFF && n <= cuda::kFusedMaxLayers) {
     absl::StatusOr<int> capacity = cuda::FusedForwardCapacity();
     if (!capacity.ok()) return capacity.status();
     fused_capacity = *capacity;
@@ -670,10 +671,14 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   num_tokens = tok;
   num_row_tiles = nrt;
   num_attn_tiles = nat;
-  // One launch for the whole forward where the tiling is the one it fuses (16-token tiles on
-  // clusters of four, 16-query attention) and every cluster fits on the device at once.
-  fused = fused_capacity > 0 && tile_rows == 16 && cluster_split == cuda::kClusterSplit &&
-          tile_queries == 16 && num_row_tiles <= fused_capacity;
+  // The attention computed by the row tiles' clusters (fused_forward.cu), in one launch or one
+  // per layer, where the tiling is the one it fuses (16-token tiles on clusters of four, 16-query
+  // attention) and every cluster fits on the device at once.
+  const bool fusable = fused_capacity > 0 && tile_rows == 16 &&
+                       cluster_split == cuda::kClusterSplit && tile_queries == 16 &&
+                       num_row_tiles <= fused_capacity;
+  fused = fusable && options.fused_forward;
+  fused_layers = fusable && !fused && options.fused_layers;
   // q/k/v and the attention output head by head where the wgmma row kernel (wherever there are
   // wgmma images and 64-token tiles) and the persistent attention exchange them.
   head_major = options.head_major_attention && precision == Precision::kBf16 &&
@@ -765,18 +770,37 @@ absl::Status CudaForwardImpl::RunStaged() {
   const bool bf16_residual = d_act_bf16 != nullptr && tile_rows == 64 &&
                              (options.bf16_residual == 1 || num_row_tiles > 2 * num_sms);
 
-  if (fused) {
+  if (fused || fused_layers) {
     cuda::FusedForwardParams fp{};
     fp.row = rp;
     fp.row.x_src = x_in;
     fp.row.x_dst = d_act;
     fp.mask_bits = tp.mask_bits;
     fp.scale_log2 = tp.scale_log2;
+    fp.layer = -1;
     fp.sync = d_sync;
     fp.qkv_odd = d_fused_qkv_odd;
     fp.qkv_odd_tokens = fused_qkv_odd_tokens;
-    if (absl::Status s = cuda::LaunchFusedForward(fp, stream); !s.ok()) return s;
-    Launched("fused");
+    if (fused) {
+      if (absl::Status s = cuda::LaunchFusedForward(fp, stream); !s.ok()) return s;
+      Launched("fused");
+      return absl::OkStatus();
+    }
+    // Layer 0's q/k/v by the row kernel, then a launch per layer. Each reads its tile's residual
+    // rows before any CTA of its cluster writes them (a CTA writes after the cluster's exchange,
+    // which every peer joins after its reads), so the layers update d_act in place.
+    rp.x_src = x_in;
+    rp.x_dst = nullptr;
+    rp.post_layer = -1;
+    rp.qkv_layer = 0;
+    if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
+    Launched("row");
+    for (int l = 0; l < n; ++l) {
+      fp.layer = l;
+      fp.row.x_src = l == 0 ? x_in : d_act;
+      if (absl::Status s = cuda::LaunchFusedForward(fp, stream); !s.ok()) return s;
+      Launched("layer");
+    }
     return absl::OkStatus();
   }
 
@@ -990,6 +1014,7 @@ int CudaForward::tile_rows() const { return impl_->tile_rows; }
 int CudaForward::row_cluster_split() const { return impl_->cluster_split; }
 int CudaForward::tile_queries() const { return impl_->tile_queries; }
 bool CudaForward::fused() const { return impl_->fused; }
+bool CudaForward::fused_layers() const { return impl_->fused_layers; }
 bool CudaForward::per_sample_sync() const { return impl_->sample_sync; }
 bool CudaForward::wgmma_adaln() const {
   return cuda::AdaLnOnWgmma(impl_->d_adaln_images, impl_->batch);

@@ -53,8 +53,14 @@ struct CudaForwardOptions {
   // clusters of four and 16-query attention (picked for a sample or two, or forced by the options
   // above) runs as one launch for the whole forward when its clusters fit on the GPU at once
   // (fused_forward.cu), for models of up to kFusedForwardMaxLayers layers. Off by default: on an
-  // H100 it is not yet faster than one launch per kernel (docs/BENCHMARKS.md).
+  // H100 it is no faster than fused_layers (docs/BENCHMARKS.md).
   bool fused_forward = false;
+  // The same batches, where fused_forward does not take them, as one launch per layer: each
+  // cluster computes its tile's attention and then its rows (the same kernel), so that a layer
+  // has one kernel boundary instead of two and the attention's output stays on chip. false: one
+  // launch per kernel (attention, row). On an H100 at B = 1 it is ~2 % faster than one launch per
+  // kernel (docs/BENCHMARKS.md, fifteenth round).
+  bool fused_layers = true;
   // bf16: where the q and k RMSNorm weights bound a layer's scores (AttentionParams::
   // scores_bounded), the attention takes their exponentials without a running maximum; false:
   // always the running maximum (for comparisons and tests).
@@ -119,6 +125,8 @@ class CudaForward {
   int row_cluster_split() const;
   // Whether the staged batch runs as the one-launch forward (CudaForwardOptions::fused_forward).
   bool fused() const;
+  // Whether it runs as one launch per layer (CudaForwardOptions::fused_layers).
+  bool fused_layers() const;
   // Whether the staged batch's kernels overlap with per-sample sync
   // (CudaForwardOptions::per_sample_sync).
   bool per_sample_sync() const;

@@ -229,15 +229,19 @@ struct AttentionParams {
 };
 constexpr double kBoundedScoreMax = 64.0;
 
-// The whole forward of a small bf16 batch (D = 128) in one launch (fused_forward.cu): the row
-// tiles of `row` (16 tokens, clusters of kClusterSplit CTAs) from row.x_src to row.x_dst, with
-// row.q, k and v as the attention's exchange; row.num_tiles clusters resident at once.
+// The forward of a small bf16 batch (D = 128) with each cluster computing its tile's attention
+// (fused_forward.cu): the row tiles of `row` (16 tokens, clusters of kClusterSplit CTAs) from
+// row.x_src to row.x_dst, with row.q, k and v as the attention's exchange. Either the whole
+// forward in one launch (layer < 0; row.num_tiles clusters resident at once), or one launch per
+// layer: the attention of `layer` (its q, k and v written by the launch before) and the row step
+// that finishes it and computes the next layer's q, k and v.
 constexpr int kFusedMaxDimFF = 2048;  // its shared memory holds the vectors of up to this F
 struct FusedForwardParams {
   RowParams row;
   const uint32_t* mask_bits;
   float scale_log2;  // as AttentionParams'
-  unsigned* sync;    // [2] the grid barrier's counters, zero between launches
+  int layer;         // -1: the whole forward
+  unsigned* sync;    // [2] the grid barrier's counters, zero between launches (one launch)
   // The q, k and v of odd layers (even layers': row.q, k, v), each [tokens][D] bf16, tokens
   // apart: a CTA may write layer l + 1's while another still reads layer l's.
   void* qkv_odd;

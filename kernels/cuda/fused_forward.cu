@@ -1,21 +1,24 @@
-// The whole forward of a small bf16 batch in one launch: every 16-token row tile on a cluster of
-// kClusterSplit CTAs that stays resident for all layers. Per layer:
-//   row phase   the tile's passes (row_common.cuh): the end of the previous layer and the q/k/v of
-//               this one, the residual kept in shared memory across layers;
-//   grid barrier  every tile's q, k and v are written (odd and even layers' in separate buffers:
-//               a CTA past its attention writes the next layer's while others still read these);
+// The forward of a small bf16 batch with every 16-token row tile on a cluster of kClusterSplit
+// CTAs that computes the tile's attention as well as its rows. Per layer:
 //   attention   the tile's 16 queries (joint rows of its sample), two heads per CTA, the keys
 //               split over four warps per head (attention_split_keys.cuh);
 //   gather      each CTA pushes its heads' attention rows into every CTA's operand buffer
-//               (st.async, counted by the receiver's mbarrier).
-// A layer's only global round trips are the q/k/v exchange and the barrier, and the next layer's
-// vectors, modulation and first weight fragments load while the barrier waits. Measured on an
-// H100 at B = 1 it takes the same time as one launch per kernel (docs/BENCHMARKS.md): with
-// programmatic dependent launch the kernel boundaries were already hidden, and the grid barrier
-// after the q/k/v stores costs what a boundary did.
-//
-// The grid barrier needs every CTA resident at once: the launch is cooperative (the driver
-// refuses a grid that cannot be), and the host takes this path only for grids that fit.
+//               (st.async, counted by the receiver's mbarrier);
+//   row phase   the tile's passes (row_common.cuh): the end of the layer and the q/k/v of the
+//               next (odd and even layers' in separate buffers: a CTA past its attention writes
+//               the next layer's while others still read these).
+// Two ways to launch it:
+//   one launch per layer (the default; after the row kernel's q/k/v of layer 0): the kernel
+//               boundary orders every tile's q, k and v before the next layer's attention, and
+//               the residual goes through global memory between layers. On an H100 at B = 1
+//               ~2 % faster than one launch per kernel (docs/BENCHMARKS.md): a boundary less
+//               per layer, but the attention on half the SMs;
+//   one launch for the whole forward (opt-in): the clusters stay resident for all layers, the
+//               residual stays in shared memory, and a grid barrier replaces the boundary (the
+//               next layer's vectors, modulation and first fragments load while it waits). The
+//               barrier after the q/k/v stores costs what a boundary does: no faster.
+// The grid barrier needs every CTA resident at once: that launch is cooperative (the driver
+// refuses a grid that cannot be), and the host takes either path only for grids that fit.
 #include <cuda_bf16.h>
 
 #include <atomic>
@@ -112,7 +115,12 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   AttentionSmem& attn = *reinterpret_cast<AttentionSmem*>(smem + kPsOffset);
   float2* rope = reinterpret_cast<float2*>(smem + kRopeOffset);
   w.rank = blockIdx.x % kSplit;
+  // The layers this launch finishes: all of them after layer 0's q/k/v (one launch), or one whose
+  // q, k and v the launch before wrote.
+  const bool whole = fp.layer < 0;
+  const int first = whole ? 0 : fp.layer, last = whole ? p.num_layers : fp.layer + 1;
 
+  LaunchDependents();
   const RowTile tile = p.tiles[blockIdx.x / kSplit];
   const SampleInfo si = p.samples[tile.sample];
   const int num_keys = si.seq_len + si.ctx_len;
@@ -124,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   w.rope = tile.stream == 0;
   w.rope_table = rope;
   w.rope_row0 = 0;
-  w.x_dst = nullptr;
+  w.exchange_parity = 0;
   // q, k and v by layer parity (FusedForwardParams::qkv_odd).
   bf16* const qkv[2][3] = {
       {static_cast<bf16*>(p.q), static_cast<bf16*>(p.k), static_cast<bf16*>(p.v)},
@@ -135,7 +143,6 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
     w.k = qkv[layer & 1][1];
     w.v = qkv[layer & 1][2];
   };
-  use_qkv_of(0);
   // The tile's stream's weight pointers of every layer, in shared memory: each layer's first
   // loads (vectors, fragments) would otherwise wait on an L2 trip for the pointers.
   __shared__ StreamWeightsDev weights[kFusedMaxLayers];
@@ -143,37 +150,51 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
     weights[l] = p.weights[2 * l + tile.stream];
   }
   __syncthreads();
+  // The row phase that finishes `layer` (-1: none) and computes the q/k/v of the next.
+  auto finish = [&](int layer) {
+    w.wp = layer >= 0 ? &weights[layer] : nullptr;
+    w.wq = layer + 1 < p.num_layers ? &weights[layer + 1] : nullptr;
+    w.x_dst = layer + 1 == last ? p.x_dst : nullptr;
+    use_qkv_of(layer + 1);
+  };
   const float* mod = p.mod + tile.sample * (size_t)p.num_layers * 2 * 6 * kD;
+  auto modulation = [&](int layer) {
+    return LoadModulation<kD>(mod, tile.stream, layer, layer + 1 < p.num_layers ? layer + 1 : -1);
+  };
 
-  // Before the wait on adaLN: the tile's RoPE rows, layer 0's vectors and first fragments.
+  // Before the wait on the kernel before: the tile's RoPE rows, the first row phase's vectors and
+  // first fragments.
   for (int i = threadIdx.x; i < Shape::kM * (kHeadDim / 2); i += kThreads) {
     const int r = i / (kHeadDim / 2);
     rope[i] = w.rope && r < w.rows
                   ? p.rope[(si.start_pos + tile.row0 + r) * (kHeadDim / 2) + i % (kHeadDim / 2)]
                   : make_float2(1.0f, 0.0f);
   }
-  w.wp = nullptr;
-  w.wq = &weights[0];
+  finish(whole ? -1 : first);
   WFrags<kD> frags;
   {
-    const WDesc<kP> first = FirstPass<kP, kD, kSplit>(w);
-    if (first.wf != nullptr) LoadFrags(frags, first);
+    const WDesc<kP> first_pass = FirstPass<kP, kD, kSplit>(w);
+    if (first_pass.wf != nullptr) LoadFrags(frags, first_pass);
   }
   WeightVectors<kD> vectors;
   vectors.Load(w.wp, w.wq, p.dim_ff);
   vectors.Store(w.vs);
   WaitForPredecessor();
+  TileModulation mv = modulation(whole ? -1 : first);
   {
-    const TileModulation mv = LoadModulation<kD>(mod, tile.stream, -1, 0);
     ResidualTile<kD, Shape::kM> x;
     x.Load(p.x_src, w.tok0, w.rows);
-    StoreModulation<kD>(w.vs, mv);
     x.Store(w.xs, Shape::kXs);
   }
   if (threadIdx.x == 0) {
     MbarrierInit(&exchange_bar, 1);
     MbarrierInit(&gather_bar, 1);
     FenceMbarrierInit();
+  }
+  if (whole) {  // layer 0's q, k and v
+    StoreModulation<kD>(w.vs, mv);
+    __syncthreads();
+    RowTilePasses<kP, kD, 1, kSplit>(w, frags);
   }
   __syncthreads();
   ClusterArrive();  // the first gather waits for it: every CTA's mbarriers are initialised
@@ -183,39 +204,37 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   const int head_base = si.tok_off * kD + head * kHeadDim;
   const uint32_t* mask = si.mask_off >= 0 ? fp.mask_bits + si.mask_off : nullptr;
   const AttnTile at{si.tok_off, q0, si.seq_len, num_keys, si.mask_off, {}};
-  for (int l = 0;; ++l) {
-    w.exchange_parity = (l + 1) & 1;  // layer l > 0 has the (l - 1)th exchange
-    RowTilePasses<kP, kD, 1, kSplit>(w, frags);
-    if (l == p.num_layers) break;
-
-    // Layer l's q, k and v are out: arrive, set up the next row phase while the others finish,
-    // then wait for all of them.
-    GridArrive(fp.sync);
-    w.wp = &weights[l];
-    w.wq = l + 1 < p.num_layers ? &weights[l + 1] : nullptr;
-    w.x_dst = l + 1 < p.num_layers ? nullptr : p.x_dst;
-    use_qkv_of(l + 1);
-    vectors.Load(w.wp, w.wq, p.dim_ff);
-    const TileModulation mv =
-        LoadModulation<kD>(mod, tile.stream, l, l + 1 < p.num_layers ? l + 1 : -1);
-    {
-      const WDesc<kP> first = FirstPass<kP, kD, kSplit>(w);
-      LoadFrags(frags, first);
+  for (int l = first; l < last; ++l) {
+    const unsigned parity = (l - first) & 1;  // of this launch's l - first th gather and exchange
+    if (whole) {
+      // Layer l's q, k and v are out: arrive, set up the next row phase while the others finish,
+      // then wait for all of them.
+      GridArrive(fp.sync);
+      finish(l);
+      vectors.Load(w.wp, w.wq, p.dim_ff);
+      mv = modulation(l);
+      {
+        const WDesc<kP> first_pass = FirstPass<kP, kD, kSplit>(w);
+        LoadFrags(frags, first_pass);
+      }
+      vectors.Store(w.vs);
+      GridWait(fp.sync, (l + 1) * gridDim.x);
+      if (l + 1 == last) GridDepart(fp.sync);
     }
-    vectors.Store(w.vs);
-    GridWait(fp.sync, (l + 1) * gridDim.x);
-    if (l + 1 == p.num_layers) GridDepart(fp.sync);
 
     // Attention of the tile's rows for this CTA's heads.
+    // With a running maximum in every layer: without it where the scores are bounded (as the
+    // attention kernels do) it measured the same here.
     attn.part[warp][lane] = SplitKeysWarp<false>(
         at, q0, qkv[l & 1][0] + head_base, qkv[l & 1][1] + head_base, qkv[l & 1][2] + head_base,
         kD, mask, fp.scale_log2, warp % kKeyWarps, kKeyWarps, attn.warp[warp]);
     if (threadIdx.x == 0) MbarrierArriveExpectTx(&gather_bar, kGatherBytes);
     __syncthreads();
-    if (l == 0) ClusterWait();  // the peers' gather mbarriers are initialised
+    if (l == first) ClusterWait();  // the peers' gather mbarriers are initialised
     if (warp % kKeyWarps == 0) {
       // The head's rows into this CTA's operand buffer and into each peer's. Their operand
-      // buffers are free: every CTA finished its row phase before the grid barrier.
+      // buffers are free: every CTA finished its row phase before the grid barrier (one launch)
+      // or the launch began.
       float out[2][4];
       CombineSplitKeys(attn.part + warp, kKeyWarps, fp.scale_log2, out);
       uint32_t bars[kSplit];
@@ -234,21 +253,24 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
           }
         }
     }
-    MbarrierWait</*kCluster=*/true>(&gather_bar, l & 1);
-    // Pairs with the next exchange's wait: by then every CTA of the cluster has its rows, so
-    // each is done with the attention's buffers, where the peers' partials go.
+    MbarrierWait</*kCluster=*/true>(&gather_bar, parity);
+    // Pairs with the exchange's wait: by then every CTA of the cluster has its rows, so each is
+    // done with the attention's buffers, where the peers' partials go.
     ClusterArrive();
     StoreModulation<kD>(w.vs, mv);
     __syncthreads();
+    w.exchange_parity = parity;
+    RowTilePasses<kP, kD, 1, kSplit>(w, frags);
   }
 }
 
 // A launch of `ctas` CTAs in clusters of kSplit; `launch`: also programmatic serialization (the
-// prologue overlaps adaLN) and cooperative (every CTA resident at once, or the launch fails).
+// prologue overlaps the kernel before), and `cooperative` (every CTA resident at once, or the
+// launch fails: the one-launch forward's grid barrier needs it).
 struct FusedLaunchConfig {
   cudaLaunchConfig_t config = {};
   cudaLaunchAttribute attr[3];
-  FusedLaunchConfig(int ctas, cudaStream_t stream, bool launch) {
+  FusedLaunchConfig(int ctas, cudaStream_t stream, bool launch, bool cooperative = false) {
     config.gridDim = dim3(ctas);
     config.blockDim = dim3(kThreads);
     config.dynamicSmemBytes = kSmemBytes;
@@ -262,7 +284,7 @@ struct FusedLaunchConfig {
     attr[2].id = cudaLaunchAttributeCooperative;
     attr[2].val.cooperative = 1;
     config.attrs = attr;
-    config.numAttrs = launch ? 3 : 1;
+    config.numAttrs = launch ? (cooperative ? 3 : 2) : 1;
   }
 };
 
@@ -286,7 +308,8 @@ absl::StatusOr<int> FusedForwardCapacity() {
 absl::Status LaunchFusedForward(const FusedForwardParams& params, cudaStream_t stream) {
   if (params.row.num_tiles == 0) return absl::OkStatus();
   if (absl::Status s = AllowFusedSmem(); !s.ok()) return s;
-  FusedLaunchConfig launch(params.row.num_tiles * kSplit, stream, /*launch=*/true);
+  FusedLaunchConfig launch(params.row.num_tiles * kSplit, stream, /*launch=*/true,
+                           /*cooperative=*/params.layer < 0);
   CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, FusedForwardKernel, params));
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();

@@ -210,8 +210,13 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (const char* v = std::getenv("MMDIT_BENCH_WGMMA_ADALN")) {
         fo.wgmma_adaln = std::atoi(v) != 0;
       }
-      // 1: the one-launch forward for the batches it takes (CudaForwardOptions::fused_forward).
-      if (const char* v = std::getenv("MMDIT_BENCH_FUSED")) fo.fused_forward = std::atoi(v) != 0;
+      // For the batches they take: 1 the one-launch forward (CudaForwardOptions::fused_forward),
+      // 2 one launch per layer (CudaForwardOptions::fused_layers, the default), 0 neither: one
+      // launch per kernel.
+      if (const char* v = std::getenv("MMDIT_BENCH_FUSED")) {
+        fo.fused_forward = std::atoi(v) == 1;
+        fo.fused_layers = std::atoi(v) == 2;
+      }
       // 0: a running softmax maximum everywhere (CudaForwardOptions::static_softmax_offsets).
       if (const char* v = std::getenv("MMDIT_BENCH_STATIC_OFFSETS")) {
         fo.static_softmax_offsets = std::atoi(v) != 0;
@@ -252,12 +257,13 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
         const double tflops = flops * b / (best * 1e-3) * 1e-12;
         const double anchor = AnchorMs(bf16, b);
         // Row tile rows (x CTAs per tile when split over a cluster) / attention tile queries, F
-        // when the forward is one launch, S with per-sample sync.
+        // when the forward is one launch, L one launch per layer, S with per-sample sync.
         const std::string tiles =
             absl::StrCat(f.tile_rows(),
                          f.row_cluster_split() > 1 ? absl::StrCat("x", f.row_cluster_split())
                                                    : std::string(),
                          "/", f.tile_queries(), f.fused() ? "F" : "",
+                         f.fused_layers() ? "L" : "",
                          f.per_sample_sync() ? "S" : "");
         table += absl::StrFormat(
             "%-5s %5d %8s %10.4f %10.4f %12.0f %8.1f %6.1f%% %10s %s\n", bf16 ? "bf16" : "fp32",
@@ -271,8 +277,8 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
         breakdown += absl::StrFormat("%-5s B=%-4d", bf16 ? "bf16" : "fp32", b);
         for (const auto& [name, ms] : *parts) {
           const int launches = name == "adaln" || name == "fused" ? 1
-                               : name == "row"  ? config.num_layers + 1
-                                                : config.num_layers;
+                               : name == "row" ? (f.fused_layers() ? 1 : config.num_layers + 1)
+                                               : config.num_layers;
           breakdown += absl::StrFormat("  %s %.4f ms (%.1f us/launch)", name, ms,
                                        1e3 * ms / launches);
         }
