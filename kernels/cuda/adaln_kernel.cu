@@ -26,6 +26,9 @@ template <int kD>
 __global__ void __launch_bounds__(kMmaThreads) AdaLnMmaKernel(const AdaLnParams p) {
   constexpr int kAs = kD + 8;  // bf16 row stride of silu(y): conflict-free ldmatrix rows
   __shared__ __align__(16) __nv_bfloat16 as[2][kMmaSamples * kAs];  // hi, lo
+  // The next kernel (the first row kernel) may launch now: its prologue (its weights' vectors and
+  // first fragments) overlaps this kernel, and it waits for this one's modulation.
+  LaunchDependents();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   if (p.progress != nullptr) {  // the forward's first kernel: every later one runs after it
     const int threads = gridDim.x * gridDim.y * kMmaThreads;
