@@ -26,9 +26,10 @@ template <int kD>
 __global__ void __launch_bounds__(kMmaThreads) AdaLnMmaKernel(const AdaLnParams p) {
   constexpr int kAs = kD + 8;  // bf16 row stride of silu(y): conflict-free ldmatrix rows
   __shared__ __align__(16) __nv_bfloat16 as[2][kMmaSamples * kAs];  // hi, lo
-  // The next kernel (the first row kernel) may launch now: its prologue (its weights' vectors and
-  // first fragments) overlaps this kernel, and it waits for this one's modulation.
-  LaunchDependents();
+  // No LaunchDependents: with it the first row kernel launches during this one (its prologue
+  // overlapped), and each later kernel's CTAs in turn arrive early and wait resident. On an H100
+  // that took B = 2 from 0.154 to 0.186 ms and B = 1 launched per kernel from 0.127 to 0.141
+  // (docs/BENCHMARKS.md, fifteenth round).
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   if (p.progress != nullptr) {  // the forward's first kernel: every later one runs after it
     const int threads = gridDim.x * gridDim.y * kMmaThreads;
