@@ -43,7 +43,6 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
     }
   }
 
-  LaunchDependents();
   const RowTile tile = p.tiles[blockIdx.x / kSplit];
   const SampleInfo si = p.samples[tile.sample];
   w.tok0 = si.tok_off + (tile.stream ? si.seq_len : 0) + tile.row0;
@@ -103,6 +102,11 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
     }
   }
   __syncthreads();  // the row passes read rows that other warps loaded
+  // The next kernel may launch from here, when this tile's inputs are in: its CTAs then wait
+  // resident for a shorter time. Launched at this kernel's start, they arrived while this kernel
+  // still waited for the one before, and at B = 1 launched per kernel the forward took 0.127
+  // instead of 0.121-0.123 ms (docs/BENCHMARKS.md, fifteenth round).
+  LaunchDependents();
   // No cluster barrier at the end: the peers only write into this CTA's shared memory, and it
   // waits for all of their stores before it goes on.
   RowTilePasses<P, kD, kMT, kSplit>(w, frags);
