@@ -7,13 +7,13 @@
 //   row phase   the tile's passes (row_common.cuh): the end of the layer and the q/k/v of the
 //               next (odd and even layers' in separate buffers: a CTA past its attention writes
 //               the next layer's while others still read these).
-// Two ways to launch it:
-//   one launch per layer (the default; after the row kernel's q/k/v of layer 0): the kernel
-//               boundary orders every tile's q, k and v before the next layer's attention, and
-//               the residual goes through global memory between layers. On an H100 at B = 1
-//               ~2 % faster than one launch per kernel (docs/BENCHMARKS.md): a boundary less
-//               per layer, but the attention on half the SMs;
-//   one launch for the whole forward (opt-in): the clusters stay resident for all layers, the
+// Two ways to launch it, both opt-in (CudaForwardOptions):
+//   one launch per layer (after the row kernel's q/k/v of layer 0): the kernel boundary orders
+//               every tile's q, k and v before the next layer's attention, and the residual
+//               goes through global memory between layers. On an H100 at B = 1 within ~3 % of
+//               one launch per kernel (docs/BENCHMARKS.md): a boundary less per layer, but the
+//               attention on half the SMs;
+//   one launch for the whole forward: the clusters stay resident for all layers, the
 //               residual stays in shared memory, and a grid barrier replaces the boundary (the
 //               next layer's vectors, modulation and first fragments load while it waits). The
 //               barrier after the q/k/v stores costs what a boundary does: no faster.

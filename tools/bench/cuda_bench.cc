@@ -211,8 +211,8 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
         fo.wgmma_adaln = std::atoi(v) != 0;
       }
       // For the batches they take: 1 the one-launch forward (CudaForwardOptions::fused_forward),
-      // 2 one launch per layer (CudaForwardOptions::fused_layers, the default), 0 neither: one
-      // launch per kernel.
+      // 2 one launch per layer (CudaForwardOptions::fused_layers), 0 neither: one launch per
+      // kernel (the default).
       if (const char* v = std::getenv("MMDIT_BENCH_FUSED")) {
         fo.fused_forward = std::atoi(v) == 1;
         fo.fused_layers = std::atoi(v) == 2;
