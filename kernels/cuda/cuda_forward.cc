@@ -770,8 +770,10 @@ absl::Status CudaForwardImpl::RunStaged() {
   const bool bf16_residual = d_act_bf16 != nullptr && tile_rows == 64 &&
                              (options.bf16_residual == 1 || num_row_tiles > 2 * num_sms);
 
+  // The attention computed by the row tiles' clusters (fused_forward.cu): the whole forward in
+  // one launch, or one launch per layer after layer 0's q/k/v below.
+  cuda::FusedForwardParams fp{};
   if (fused || fused_layers) {
-    cuda::FusedForwardParams fp{};
     fp.row = rp;
     fp.row.x_src = x_in;
     fp.row.x_dst = d_act;
@@ -781,26 +783,10 @@ absl::Status CudaForwardImpl::RunStaged() {
     fp.sync = d_sync;
     fp.qkv_odd = d_fused_qkv_odd;
     fp.qkv_odd_tokens = fused_qkv_odd_tokens;
-    if (fused) {
-      if (absl::Status s = cuda::LaunchFusedForward(fp, stream); !s.ok()) return s;
-      Launched("fused");
-      return absl::OkStatus();
-    }
-    // Layer 0's q/k/v by the row kernel, then a launch per layer. Each reads its tile's residual
-    // rows before any CTA of its cluster writes them (a CTA writes after the cluster's exchange,
-    // which every peer joins after its reads), so the layers update d_act in place.
-    rp.x_src = x_in;
-    rp.x_dst = nullptr;
-    rp.post_layer = -1;
-    rp.qkv_layer = 0;
-    if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
-    Launched("row");
-    for (int l = 0; l < n; ++l) {
-      fp.layer = l;
-      fp.row.x_src = l == 0 ? x_in : d_act;
-      if (absl::Status s = cuda::LaunchFusedForward(fp, stream); !s.ok()) return s;
-      Launched("layer");
-    }
+  }
+  if (fused) {
+    if (absl::Status s = cuda::LaunchFusedForward(fp, stream); !s.ok()) return s;
+    Launched("fused");
     return absl::OkStatus();
   }
 
@@ -821,6 +807,18 @@ absl::Status CudaForwardImpl::RunStaged() {
   rp.rows_done = rows_done(0);
   if (absl::Status s = cuda::LaunchRow(rp, precision, d, tile_rows, stream); !s.ok()) return s;
   Launched("row");
+  if (fused_layers) {
+    // Each launch reads its tile's residual rows before any CTA of its cluster writes them (a
+    // CTA writes after the cluster's exchange, which every peer joins after its reads), so the
+    // layers update d_act in place.
+    for (int l = 0; l < n; ++l) {
+      fp.layer = l;
+      fp.row.x_src = l == 0 ? x_in : d_act;
+      if (absl::Status s = cuda::LaunchFusedForward(fp, stream); !s.ok()) return s;
+      Launched("layer");
+    }
+    return absl::OkStatus();
+  }
   for (int l = 0; l < n; ++l) {
     tp.scores_bounded = scores_bounded[l];
     tp.rows_done = rows_done(l);
