@@ -388,7 +388,7 @@ __device__ __forceinline__ void StoreAsyncCluster(uint32_t addr, uint32_t v, uin
 // A thread's partial down product (its kNT n8 tiles' accumulators) as the 16-byte units the
 // cluster exchanges: fp32 one tile per unit; bf16 two tiles per unit, rounded to bf16. The
 // exchange's time follows its bytes: at B = 1 it was ~1.3 us of a ~10 us layer with 24 KB sent
-// per CTA in fp32, and half the bytes took ~0.4 us off. The rounding is the one the bf16 forward
+// per CTA in fp32, and half the bytes took ~0.5 us off. The rounding is the one the bf16 forward
 // applies to every GEMM operand (the fixtures' errors did not move).
 template <Precision P, int kNT>
 struct PartialUnits {
