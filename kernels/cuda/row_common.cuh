@@ -435,19 +435,21 @@ struct PartialUnits {
 };
 
 // Where vs[i] (VectorOffset, the weights' part: below kVGateAttn, then up_b at kVUpB) comes from
-// for the finishing layer's weights wp and the q/k/v layer's wq; null: zero.
+// for the finishing layer's weights wp and the q/k/v layer's wq (copies; null pointers in
+// them: zero).
 template <int kD>
-__device__ __forceinline__ const float* WeightVectorSource(int i, const StreamWeightsDev* wp,
-                                                           const StreamWeightsDev* wq) {
-  if (i >= kVGateAttn * kD) return wp ? wp->up_b + (i - kVGateAttn * kD) : nullptr;
+__device__ __forceinline__ const float* WeightVectorSource(int i, const StreamWeightsDev& wp,
+                                                           const StreamWeightsDev& wq) {
+  auto at = [](const float* v, int k) { return v != nullptr ? v + k : nullptr; };
+  if (i >= kVGateAttn * kD) return at(wp.up_b, i - kVGateAttn * kD);
   const int k = i % kD;
   switch (i / kD) {
-    case kVOutB: return wp ? wp->out_b + k : nullptr;
-    case kVOutRms: return wp ? wp->out_rms + k : nullptr;
-    case kVDownB: return wp ? wp->down_b + k : nullptr;
-    case kVRmsQ: return wq ? wq->rms_q + k : nullptr;
-    case kVRmsK: return wq ? wq->rms_k + k : nullptr;
-    default: return wq ? wq->qkv_b + (i - kVQkvB * kD) : nullptr;  // q, k, v biases
+    case kVOutB: return at(wp.out_b, k);
+    case kVOutRms: return at(wp.out_rms, k);
+    case kVDownB: return at(wp.down_b, k);
+    case kVRmsQ: return at(wq.rms_q, k);
+    case kVRmsK: return at(wq.rms_k, k);
+    default: return at(wq.qkv_b, i - kVQkvB * kD);  // q, k, v biases
   }
 }
 
@@ -463,11 +465,16 @@ struct WeightVectors {
 
   __device__ __forceinline__ void Load(const StreamWeightsDev* wp, const StreamWeightsDev* wq,
                                        int dim_ff) {
+    // Both tables of pointers first, in one L2 trip: read through wp and wq per value, each
+    // value's load waited for its own pointer (thirteen trips in a row in the row kernel's
+    // prologue).
+    const StreamWeightsDev none = {};
+    const StreamWeightsDev a = wp != nullptr ? *wp : none, b = wq != nullptr ? *wq : none;
     count = kVGateAttn * kD + (dim_ff <= kMaxStagedFF ? dim_ff : 0);
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int i = threadIdx.x + j * kThreads;
-      const float* src = i < count ? WeightVectorSource<kD>(i, wp, wq) : nullptr;
+      const float* src = i < count ? WeightVectorSource<kD>(i, a, b) : nullptr;
       v[j] = src != nullptr ? __ldg(src) : 0.0f;
     }
   }
