@@ -164,12 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
 
   // Before the wait on the kernel before: the tile's RoPE rows, the first row phase's vectors and
   // first fragments.
-  for (int i = threadIdx.x; i < Shape::kM * (kHeadDim / 2); i += kThreads) {
-    const int r = i / (kHeadDim / 2);
-    rope[i] = w.rope && r < w.rows
-                  ? p.rope[(si.start_pos + tile.row0 + r) * (kHeadDim / 2) + i % (kHeadDim / 2)]
-                  : make_float2(1.0f, 0.0f);
-  }
+  StageRopeRows<Shape::kM>(rope, p.rope, si.start_pos + tile.row0, w.rows, w.rope);
   finish(whole ? -1 : first);
   WFrags<kD> frags;
   {

@@ -338,6 +338,21 @@ __device__ __forceinline__ void RopeRow(float (&v)[kCols], const float2* rope, i
   }
 }
 
+// The (cos, sin) rows of a tile's rows [0, kM) at positions pos0 + r, from the host-made table
+// into shared memory (identity past `rows` or where `rope` is false), for RopeRow with row 0 at
+// the tile's first row. Staged before the passes: read from the table by the q and k passes,
+// those reads came after the exchange's cluster-scope acquire, which empties the L1, and each
+// pass waited for an L2 trip.
+template <int kM>
+__device__ __forceinline__ void StageRopeRows(float2* dst, const float2* table, int pos0,
+                                              int rows, bool rope) {
+  constexpr int kPairs = kHeadDim / 2;
+  for (int i = threadIdx.x; i < kM * kPairs; i += kThreads) {
+    const int r = i / kPairs;
+    dst[i] = rope && r < rows ? table[(pos0 + r) * kPairs + i % kPairs] : make_float2(1.0f, 0.0f);
+  }
+}
+
 template <typename T, int kCols>
 __device__ __forceinline__ void StoreRow(T* out, const float (&v)[kCols]) {
 #pragma unroll
@@ -645,9 +660,19 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
   const int qkv_begin = QkvBegin(rank, kSplit), qkv_end = QkvEnd(rank, kSplit);
   const bool has_qkv = w.wq != nullptr && qkv_begin < qkv_end;
   const WDesc<P> none{nullptr, 0, 0, 0};
-  auto up_d = [&](int fc) { return UpPass<P, kD>(w.wp, fc, warp); };
-  auto down_d = [&](int fc) { return DownPass<P, kD>(w.wp, fc, warp, w.dim_ff); };
-  auto qkv_d = [&](int c) { return QkvPass<P, kD>(w.wq, c, warp); };
+  // The matrices' addresses in registers from here on. Read where each pass began, the q/k/v
+  // pass's came after the exchange's cluster-scope acquire, which empties the L1 (CCTL.IVALL),
+  // and the pass's first refill load waited for that L2 trip.
+  StreamWeightsDev mp = {}, mq = {};
+  if (w.wp != nullptr) {
+    mp.out_w = w.wp->out_w;
+    mp.up_w = w.wp->up_w;
+    mp.down_w = w.wp->down_w;
+  }
+  if (w.wq != nullptr) mq.qkv_w = w.wq->qkv_w;
+  auto up_d = [&](int fc) { return UpPass<P, kD>(&mp, fc, warp); };
+  auto down_d = [&](int fc) { return DownPass<P, kD>(&mp, fc, warp, w.dim_ff); };
+  auto qkv_d = [&](int c) { return QkvPass<P, kD>(&mq, c, warp); };
 
   float acc[kMT][kNT][4];
   uint64_t* const exchange_bar = w.exchange_bar;
@@ -660,7 +685,7 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
       }
     }
     ZeroAcc(acc);
-    WarpGemm<P, kD, kMT>(acc, as, frags, OutPass<P, kD>(w.wp, warp),
+    WarpGemm<P, kD, kMT>(acc, as, frags, OutPass<P, kD>(&mp, warp),
                          rank < num_fc ? up_d(rank) : (has_qkv ? qkv_d(qkv_begin) : none));
     StoreAcc<kMT, kNT, kXs>(ss, acc, vs + kVOutB * kD, warp);
     __syncthreads();

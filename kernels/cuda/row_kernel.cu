@@ -51,8 +51,9 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
   w.wq = p.qkv_layer >= 0 ? &p.weights[p.qkv_layer * 2 + tile.stream] : nullptr;
   w.dim_ff = p.dim_ff;
   w.rope = tile.stream == 0;
-  w.rope_table = p.rope;
-  w.rope_row0 = si.start_pos + tile.row0;
+  __shared__ float2 rope_rows[kM * (kHeadDim / 2)];  // StageRopeRows, before the wait
+  w.rope_table = rope_rows;
+  w.rope_row0 = 0;
   w.x_dst = p.x_dst;
   w.q = p.q;
   w.k = p.k;
@@ -69,6 +70,7 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
     vectors.Store(w.vs);
   }
   w.up_b = p.dim_ff <= kMaxStagedFF ? w.vs + kVUpB * kD : (w.wp ? w.wp->up_b : nullptr);
+  StageRopeRows<kM>(rope_rows, p.rope, si.start_pos + tile.row0, w.rows, w.rope);
   WaitForPredecessor();
   // Every load of the tile's start is issued before the first store into shared memory: with
   // in-order issue, each store held the loads after it behind its own L2 trip (three trips, the
