@@ -276,7 +276,10 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
       BulkLoad(ring + i * kWgmmaChunkBytes, chunk_src(i), kWgmmaChunkBytes, &full[i]);
     }
   }
-  // The weights' vectors of both streams, also before the wait.
+  // The weights' vectors of both streams, also before the wait. Each value waits here for its
+  // pointer's L2 trip and the next loads for its store; with every load issued at once the
+  // forward measured 1-4 % slower at B = 16-256 (docs/BENCHMARKS.md, sixteenth round): this
+  // prologue runs beside the kernel before, and its loads then compete with that kernel's.
   const int vec_floats = kUpB + p.dim_ff;
   for (int i = threadIdx.x; i < 2 * vec_floats; i += kThreads) {
     const int st = i / vec_floats, k = i % vec_floats;
@@ -409,19 +412,19 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
           p.mod + tile.sample * per_sample + ((size_t)p.post_layer * 2 + stream) * 6 * kD;
       const float* mq =
           p.mod + tile.sample * per_sample + ((size_t)p.qkv_layer * 2 + stream) * 6 * kD;
-      warpgroup_sync();  // the previous round's reads of mod are done
-      for (int i = tid; i < kD; i += 128) {
-        const int f = WgmmaFeature(i);
-        if (has_post) {
-          mod[kGateAttn + i] = mp[2 * kD + f] * sv[kOutRms + i];
-          mod[kScaleMlp + i] = 1.0f + mp[3 * kD + f];
-          mod[kShiftMlp + i] = mp[4 * kD + f];
-          mod[kGateMlp + i] = mp[5 * kD + f];
-        }
-        if (has_qkv) {
-          mod[kScaleAttn + i] = 1.0f + mq[f];
-          mod[kShiftAttn + i] = mq[kD + f];
-        }
+      // Every load (the modulation into registers, the residual's copies) is issued before the
+      // first store into shared memory: with in-order issue, the stores of post_layer's vectors
+      // held the loads of qkv_layer's and the residual's copies behind their L2 trip.
+      static_assert(kD == 128, "one feature of the modulation per thread of the warpgroup");
+      const int f = WgmmaFeature(tid);
+      float mv[6] = {};
+      if (has_post) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) mv[k] = mp[(2 + k) * kD + f];
+      }
+      if (has_qkv) {
+        mv[4] = mq[f];
+        mv[5] = mq[kD + f];
       }
       if (xb_src != nullptr) {
 #pragma unroll
@@ -437,6 +440,17 @@ __global__ void __launch_bounds__(kThreads, 1) RowKernelWgmma(const RowParams p)
         }
       }
       CpAsyncCommit();
+      warpgroup_sync();  // the previous round's reads of mod are done
+      if (has_post) {
+        mod[kGateAttn + tid] = mv[0] * sv[kOutRms + tid];
+        mod[kScaleMlp + tid] = 1.0f + mv[1];
+        mod[kShiftMlp + tid] = mv[2];
+        mod[kGateMlp + tid] = mv[3];
+      }
+      if (has_qkv) {
+        mod[kScaleAttn + tid] = 1.0f + mv[4];
+        mod[kShiftAttn + tid] = mv[5];
+      }
       signal_rows();  // after the barrier above
       // No barrier here: the first reads of mod come after the first GEMM (has_post) or the
       // residual's wait, so its loads run under them. (The residual needs none: each thread
