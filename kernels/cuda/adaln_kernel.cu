@@ -44,6 +44,13 @@ __global__ void __launch_bounds__(kMmaThreads) AdaLnMmaKernel(const AdaLnParams 
   const int col0 = blockIdx.x * kMmaColumns + warp * 16;
   uint2 bf[2][kD / 16][2];  // hi, lo
   const uint2* wf = static_cast<const uint2*>(p.w_frag);
+  // The bias with the weights: loaded in the store loop, the stores waited for its L2 trip after
+  // the products.
+  float2 bias[2];
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    bias[n] = __ldg(reinterpret_cast<const float2*>(p.b + col0 + 8 * n + 2 * t));
+  }
   const size_t lo_offset = (size_t)n_total * kD / 4;  // uint2 per 4 values
 #pragma unroll
   for (int ks = 0; ks < kD / 16; ++ks)
@@ -101,13 +108,12 @@ __global__ void __launch_bounds__(kMmaThreads) AdaLnMmaKernel(const AdaLnParams 
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
       const int col = col0 + 8 * n + 2 * t;
-      const float2 bias = __ldg(reinterpret_cast<const float2*>(p.b + col));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int s = 16 * m + g + 8 * h;
         if (s < ns) {
           *reinterpret_cast<float2*>(p.mod + (size_t)(b0 + s) * n_total + col) =
-              make_float2(acc[m][n][2 * h] + bias.x, acc[m][n][2 * h + 1] + bias.y);
+              make_float2(acc[m][n][2 * h] + bias[n].x, acc[m][n][2 * h + 1] + bias[n].y);
         }
       }
     }

@@ -749,7 +749,9 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
       WarpGemm<P, kD, kMT>(
           acc2, hs, frags, down_d(fc),
           fc + kSplit < num_fc ? up_d(fc + kSplit) : (has_qkv ? qkv_d(qkv_begin) : none));
-      __syncthreads();
+      // The next chunk's up pass rewrites hs. After the last chunk nothing rewrites hs or as
+      // before the barrier after the residual's update.
+      if (fc + kSplit < num_fc) __syncthreads();
     }
     if constexpr (kSplit > 1) {
       // Each CTA pushes its partial down product into slot `rank` of every peer (st.async, which
