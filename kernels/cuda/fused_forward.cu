@@ -120,6 +120,9 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   const bool whole = fp.layer < 0;
   const int first = whole ? 0 : fp.layer, last = whole ? p.num_layers : fp.layer + 1;
 
+  // At its start: launched per layer, letting the next launch start after the wait, after the
+  // attention or after the gather instead measured the same on an H100 (docs/BENCHMARKS.md,
+  // sixteenth round).
   LaunchDependents();
   const RowTile tile = p.tiles[blockIdx.x / kSplit];
   const SampleInfo si = p.samples[tile.sample];
@@ -130,8 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   w.dim_ff = p.dim_ff;
   w.up_b = w.vs + kVUpB * kD;  // the host takes this path for F <= kMaxStagedFF only
   w.rope = tile.stream == 0;
-  w.rope_table = rope;
-  w.rope_row0 = 0;
+  w.rope_rows = rope;
   w.exchange_parity = 0;
   // q, k and v by layer parity (FusedForwardParams::qkv_odd).
   bf16* const qkv[2][3] = {

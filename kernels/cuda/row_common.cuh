@@ -324,14 +324,15 @@ __device__ __forceinline__ void RmsNormRows(float (&v)[R][kCols], const float (&
   }
 }
 
-// RoPE from the host-made table of (cos, sin) per position and pair; pairs (2i, 2i + 1).
+// RoPE from a table of (cos, sin) per row and pair (the tile's rows, StageRopeRows); pairs
+// (2i, 2i + 1).
 template <int kCols>
 __device__ __forceinline__ void RopeRow(float (&v)[kCols], const float2* rope, int pos,
                                         int col0) {
 #pragma unroll
   for (int j = 0; j < kCols; j += 2) {
     const int pair = ((col0 + j) % kHeadDim) / 2;
-    const float2 cs = rope[pos * (kHeadDim / 2) + pair];  // global or shared (fused forward)
+    const float2 cs = rope[pos * (kHeadDim / 2) + pair];
     const float a = v[j], b = v[j + 1];
     v[j] = a * cs.x - b * cs.y;
     v[j + 1] = a * cs.y + b * cs.x;
@@ -586,8 +587,8 @@ struct RowWork {
   int tok0;
   int rows;
   bool rope;                     // the x stream: q and k get RoPE
-  const float2* rope_table;      // (cos, sin) of row r's pairs at (rope_row0 + r) * kHeadDim / 2
-  int rope_row0;
+  const float2* rope_rows;       // shared: tile row r's (cos, sin) pairs at r * kHeadDim / 2
+                                 // (StageRopeRows)
   float* x_dst;                  // residual out; null: not written
   void* q;                       // [tokens][D], T-typed
   void* k;
@@ -856,7 +857,7 @@ __device__ __forceinline__ void RowTilePasses(const RowWork<P>& w, WFrags<kD>& f
           if (w.rope) {
 #pragma unroll
             for (int q = 0; q < kRowsAtOnce; ++q) {
-              RopeRow<kCols>(v[q], w.rope_table, w.rope_row0 + r0 + q, col0);
+              RopeRow<kCols>(v[q], w.rope_rows, r0 + q, col0);
             }
           }
         }

@@ -52,8 +52,7 @@ __global__ void __launch_bounds__(kThreads, 2) RowKernel(const RowParams p) {
   w.dim_ff = p.dim_ff;
   w.rope = tile.stream == 0;
   __shared__ float2 rope_rows[kM * (kHeadDim / 2)];  // StageRopeRows, before the wait
-  w.rope_table = rope_rows;
-  w.rope_row0 = 0;
+  w.rope_rows = rope_rows;
   w.x_dst = p.x_dst;
   w.q = p.q;
   w.k = p.k;
