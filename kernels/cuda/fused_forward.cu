@@ -16,7 +16,10 @@
 //   one launch for the whole forward: the clusters stay resident for all layers, the
 //               residual stays in shared memory, and a grid barrier replaces the boundary (the
 //               next layer's vectors, modulation and first fragments load while it waits). The
-//               barrier after the q/k/v stores costs what a boundary does: no faster.
+//               barrier after the q/k/v stores costs what a boundary does: no faster. Polling the
+//               q/k/v words themselves instead (each carrying its layer's flag) was slower still:
+//               a CTA's polls move twice its keys' bytes every round (docs/BENCHMARKS.md,
+//               seventeenth round).
 // The grid barrier needs every CTA resident at once: that launch is cooperative (the driver
 // refuses a grid that cannot be), and the host takes either path only for grids that fit.
 #include <cuda_bf16.h>
