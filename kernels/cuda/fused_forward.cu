@@ -179,25 +179,26 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
   WeightVectors<kD> vectors;
   vectors.Load(w.wp, w.wq, p.dim_ff);
   vectors.Store(w.vs);
-  WaitForPredecessor();
-  TileModulation mv = modulation(whole ? -1 : first);
-  {
-    ResidualTile<kD, Shape::kM> x;
-    x.Load(p.x_src, w.tok0, w.rows);
-    x.Store(w.xs, Shape::kXs);
-  }
+  // The mbarriers before the wait: after it, thread 0's fence waited for its tile loads, and a CTA
+  // barrier then held every warp's attention behind that L2 trip.
   if (threadIdx.x == 0) {
     MbarrierInit(&exchange_bar, 1);
     MbarrierInit(&gather_bar, 1);
     FenceMbarrierInit();
   }
+  ClusterArrive();  // the first gather waits for it: every CTA's mbarriers are initialised
+  WaitForPredecessor();
+  TileModulation mv = modulation(whole ? -1 : first);
+  // The residual rows stay in registers until they are needed: launched per layer, stored before
+  // the attention, they held its loads behind their own L2 trip.
+  ResidualTile<kD, Shape::kM> x;
+  x.Load(p.x_src, w.tok0, w.rows);
   if (whole) {  // layer 0's q, k and v
+    x.Store(w.xs, Shape::kXs);
     StoreModulation<kD>(w.vs, mv);
     __syncthreads();
     RowTilePasses<kP, kD, 1, kSplit>(w, frags);
   }
-  __syncthreads();
-  ClusterArrive();  // the first gather waits for it: every CTA's mbarriers are initialised
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int head = w.rank * kHeadsPerCta + warp / kKeyWarps;
@@ -257,6 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
     // Pairs with the exchange's wait: by then every CTA of the cluster has its rows, so each is
     // done with the attention's buffers, where the peers' partials go.
     ClusterArrive();
+    if (!whole) x.Store(w.xs, Shape::kXs);
     StoreModulation<kD>(w.vs, mv);
     __syncthreads();
     w.exchange_parity = parity;
