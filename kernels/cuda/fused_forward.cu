@@ -218,7 +218,6 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
         const WDesc<kP> first_pass = FirstPass<kP, kD, kSplit>(w);
         LoadFrags(frags, first_pass);
       }
-      vectors.Store(w.vs);
       GridWait(fp.sync, (l + 1) * gridDim.x);
       if (l + 1 == last) GridDepart(fp.sync);
     }
@@ -229,6 +228,9 @@ __global__ void __launch_bounds__(kThreads, 1) FusedForwardKernel(const FusedFor
     attn.part[warp][lane] = SplitKeysWarp<false>(
         at, q0, qkv[l & 1][0] + head_base, qkv[l & 1][1] + head_base, qkv[l & 1][2] + head_base,
         kD, mask, fp.scale_log2, warp % kKeyWarps, kKeyWarps, attn.warp[warp]);
+    // The next row phase's vectors, stored here rather than before the grid barrier's wait: there
+    // thread 0's stores waited for their loads' L2 trip before it polled the barrier.
+    if (whole) vectors.Store(w.vs);
     if (threadIdx.x == 0) MbarrierArriveExpectTx(&gather_bar, kGatherBytes);
     __syncthreads();
     if (l == first) ClusterWait();  // the peers' gather mbarriers are initialised
