@@ -53,14 +53,15 @@ struct CudaForwardOptions {
   // clusters of four and 16-query attention (picked for a sample or two, or forced by the options
   // above) runs as one launch for the whole forward when its clusters fit on the GPU at once
   // (fused_forward.cu), for models of up to kFusedForwardMaxLayers layers. Off by default: on an
-  // H100 it is not faster than one launch per kernel (docs/BENCHMARKS.md).
+  // H100 it is level with one launch per kernel, not faster (docs/BENCHMARKS.md, seventeenth
+  // round).
   bool fused_forward = false;
   // The same batches, where fused_forward does not take them, as one launch per layer: each
   // cluster computes its tile's attention and then its rows (the same kernel), so that a layer
   // has one kernel boundary instead of two and the attention's output stays on chip. Off by
   // default: on an H100 at B = 1 it was ~2 % faster than one launch per kernel until the row
-  // kernel let its successor launch later, and is ~3 % slower since (docs/BENCHMARKS.md,
-  // fifteenth round).
+  // kernel let its successor launch later (fifteenth round), and is 1-2 % slower since
+  // (docs/BENCHMARKS.md, seventeenth round).
   bool fused_layers = false;
   // bf16: where the q and k RMSNorm weights bound a layer's scores (AttentionParams::
   // scores_bounded), the attention takes their exponentials without a running maximum; false:

@@ -10,16 +10,17 @@
 // Two ways to launch it, both opt-in (CudaForwardOptions):
 //   one launch per layer (after the row kernel's q/k/v of layer 0): the kernel boundary orders
 //               every tile's q, k and v before the next layer's attention, and the residual
-//               goes through global memory between layers. On an H100 at B = 1 within ~3 % of
-//               one launch per kernel (docs/BENCHMARKS.md): a boundary less per layer, but the
-//               attention on half the SMs;
+//               goes through global memory between layers. On an H100 at B = 1 within 1-2 % of
+//               one launch per kernel (docs/BENCHMARKS.md, seventeenth round): a boundary less
+//               per layer, but the attention on half the SMs (clusters of eight, one head per
+//               CTA, were far slower, presumably more clusters than fit at once);
 //   one launch for the whole forward: the clusters stay resident for all layers, the
 //               residual stays in shared memory, and a grid barrier replaces the boundary (the
 //               next layer's vectors, modulation and first fragments load while it waits). The
-//               barrier after the q/k/v stores costs what a boundary does: no faster. Polling the
-//               q/k/v words themselves instead (each carrying its layer's flag) was slower still:
-//               a CTA's polls move twice its keys' bytes every round (docs/BENCHMARKS.md,
-//               seventeenth round).
+//               barrier after the q/k/v stores costs what a boundary does: level with one launch
+//               per kernel on an H100 at B = 1, not faster. Polling the q/k/v words themselves
+//               instead (each carrying its layer's flag) was slower still: a CTA's polls move
+//               twice its keys' bytes every round (docs/BENCHMARKS.md, seventeenth round).
 // The grid barrier needs every CTA resident at once: that launch is cooperative (the driver
 // refuses a grid that cannot be), and the host takes either path only for grids that fit.
 #include <cuda_bf16.h>
