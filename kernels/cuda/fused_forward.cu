@@ -13,7 +13,7 @@
 //               goes through global memory between layers. On an H100 at B = 1 within 1-2 % of
 //               one launch per kernel (docs/BENCHMARKS.md, seventeenth round): a boundary less
 //               per layer, but the attention on half the SMs (clusters of eight, one head per
-//               CTA, were far slower, presumably more clusters than fit at once);
+//               CTA, were far slower: an H100 holds 15 such clusters at once, B = 1 needs 16);
 //   one launch for the whole forward: the clusters stay resident for all layers, the
 //               residual stays in shared memory, and a grid barrier replaces the boundary (the
 //               next layer's vectors, modulation and first fragments load while it waits). The
