@@ -472,6 +472,55 @@ TEST(GpuForwardTest, GraphReplayMatchesRun) {
   EXPECT_EQ(want, b.x_out);
 }
 
+// Run() on batches of a shape it has run before launches a cached graph of the forward: captured
+// on a shape's second run, replayed on later ones, the least recently used dropped when the
+// cache is full. Every run has new inputs (values, masks, RoPE offsets) and gives the same bits
+// as a forward that launches each kernel, and the first matches the reference.
+TEST(GpuForwardTest, RepeatedShapesRunFromCachedGraphs) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = 3;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 17);
+  const std::vector<std::pair<int, int>> shape_a = {{70, 9}, {17, 3}}, shape_b = {{33, 5}};
+  CudaForwardOptions options = SizedFor(2, 70, 9);
+  options.graph_cache_size = 0;
+  auto launched = CudaForward::Create(weights, options);
+  ASSERT_TRUE(launched.ok()) << launched.status();
+  options.graph_cache_size = 1;
+  auto cached = CudaForward::Create(weights, options);
+  ASSERT_TRUE(cached.ok()) << cached.status();
+  // (shape, graph runs after it, cached graphs after it)
+  struct Step {
+    bool a;
+    int64_t graph_runs;
+    int cached_graphs;
+  };
+  const Step steps[] = {
+      {true, 0, 0},   // first run of A: launched
+      {true, 1, 1},   // second: captured, run from the graph
+      {true, 2, 1},   // replayed
+      {false, 2, 1},  // first run of B
+      {false, 3, 1},  // B captured; A's graph dropped
+      {true, 3, 1},   // A counts as new again
+      {true, 4, 1},   // and is captured again
+      {true, 5, 1},
+  };
+  for (int i = 0; i < static_cast<int>(std::size(steps)); ++i) {
+    const Step& step = steps[i];
+    RandomBatch want = testing::MakeRandomBatch(config, step.a ? shape_a : shape_b, true, 60 + i);
+    RandomBatch got = testing::MakeRandomBatch(config, step.a ? shape_a : shape_b, true, 60 + i);
+    for (const ForwardSample& s : got.samples) Poison(s, config.dim);
+    ASSERT_TRUE((*launched)->Run(want.samples).ok());
+    ASSERT_TRUE((*cached)->Run(got.samples).ok());
+    EXPECT_EQ(want.AllOutputs(), got.AllOutputs()) << "run " << i + 1;
+    EXPECT_EQ((*cached)->graph_runs(), step.graph_runs) << "run " << i + 1;
+    EXPECT_EQ((*cached)->cached_graphs(), step.cached_graphs) << "run " << i + 1;
+    if (i == 2) EXPECT_LE(CompareWithReference(weights, got, {0, 1}), kBf16Tolerance);
+  }
+  EXPECT_EQ((*launched)->graph_runs(), 0);
+  EXPECT_EQ((*launched)->cached_graphs(), 0);
+}
+
 // q, k, v and the attention output head by head (the wgmma row kernel with the persistent
 // attention) are a layout only: the same products in the same order as token by token, so the
 // outputs are identical.
@@ -653,6 +702,9 @@ TEST(CudaForwardOptionsTest, OutOfRangeOptionsAreRejectedWithTheirName) {
   options = CudaForwardOptions();
   options.max_batch_size = 0;
   rejected(options, "max_batch_size");
+  options = CudaForwardOptions();
+  options.graph_cache_size = -1;
+  rejected(options, "graph_cache_size");
 }
 
 TEST(GpuForwardTest, RejectsBatchesOverCapacity) {

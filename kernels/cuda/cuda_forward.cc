@@ -1,8 +1,11 @@
 #include "kernels/cuda/cuda_forward.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <deque>
+#include <list>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -195,6 +198,7 @@ class CudaForwardImpl {
   ~CudaForwardImpl() {
     cudaSetDevice(options.device);
     if (graph_exec) cudaGraphExecDestroy(graph_exec);
+    for (const CachedGraph& g : graphs) cudaGraphExecDestroy(g.exec);
     for (void* p : device_allocs) cudaFree(p);
     if (host_io) cudaFreeHost(host_io);
     if (stream) cudaStreamDestroy(stream);
@@ -204,6 +208,10 @@ class CudaForwardImpl {
   absl::Status Stage(ForwardBatch batch);
   absl::Status RunStaged();
   absl::Status Fetch(ForwardBatch batch);
+  // RunStaged() captured into a graph (not launched).
+  absl::StatusOr<cudaGraphExec_t> Capture();
+  // RunStaged(), or the staged shape's cached graph (CudaForwardOptions::graph_cache_size).
+  absl::Status RunCached();
 
   absl::Status Alloc(void** p, size_t bytes) {
     CUDA_RETURN_IF_ERROR(cudaMalloc(p, bytes));
@@ -218,7 +226,26 @@ class CudaForwardImpl {
   int l2_bytes = 0;
   cudaStream_t stream = nullptr;
   std::vector<void*> device_allocs;
-  cudaGraphExec_t graph_exec = nullptr;
+  cudaGraphExec_t graph_exec = nullptr;  // CaptureGraph()'s
+  // What RunStaged() launches with besides the buffers fixed at Init: two staged batches of the
+  // same shape launch the same kernels with the same parameters (each kernel reads the batch's
+  // own tiles, offsets and data from the device), so a graph captured for one runs the other.
+  using LaunchShape = std::array<int, 13>;
+  LaunchShape StagedShape() const {
+    return {batch,      num_tokens,    num_row_tiles, num_x_row_tiles, num_row_groups,
+            num_attn_tiles, tile_rows, tile_queries,  cluster_split,   fused,
+            fused_layers,   head_major, sample_sync};
+  }
+  // Run()'s graphs, most recently used first, and the shapes run once so far without a graph (a
+  // shape's graph is captured on its second run).
+  struct CachedGraph {
+    LaunchShape shape;
+    cudaGraphExec_t exec;
+  };
+  std::list<CachedGraph> graphs;
+  std::deque<LaunchShape> seen_once;
+  static constexpr size_t kSeenShapes = 64;
+  int64_t graph_runs = 0;
   std::function<void(const char*)> launch_hook;
   void Launched(const char* what) {
     if (launch_hook) launch_hook(what);
@@ -847,6 +874,53 @@ absl::Status CudaForwardImpl::RunStaged() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<cudaGraphExec_t> CudaForwardImpl::Capture() {
+  CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+  const absl::Status run = RunStaged();
+  cudaGraph_t graph = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  if (!run.ok()) {
+    if (graph) cudaGraphDestroy(graph);
+    return run;
+  }
+  CUDA_RETURN_IF_ERROR(end);
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  CUDA_RETURN_IF_ERROR(inst);
+  return exec;
+}
+
+absl::Status CudaForwardImpl::RunCached() {
+  if (options.graph_cache_size == 0 || batch == 0) return RunStaged();
+  const LaunchShape shape = StagedShape();
+  for (auto it = graphs.begin(); it != graphs.end(); ++it) {
+    if (it->shape == shape) {
+      graphs.splice(graphs.begin(), graphs, it);
+      CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->exec, stream));
+      ++graph_runs;
+      return absl::OkStatus();
+    }
+  }
+  const auto seen = std::find(seen_once.begin(), seen_once.end(), shape);
+  if (seen == seen_once.end()) {  // the first run of this shape: no capture yet
+    if (seen_once.size() == kSeenShapes) seen_once.pop_front();
+    seen_once.push_back(shape);
+    return RunStaged();
+  }
+  seen_once.erase(seen);
+  absl::StatusOr<cudaGraphExec_t> exec = Capture();
+  if (!exec.ok()) return exec.status();
+  if (graphs.size() == static_cast<size_t>(options.graph_cache_size)) {
+    cudaGraphExecDestroy(graphs.back().exec);
+    graphs.pop_back();
+  }
+  graphs.push_front(CachedGraph{shape, *exec});
+  CUDA_RETURN_IF_ERROR(cudaGraphLaunch(*exec, stream));
+  ++graph_runs;
+  return absl::OkStatus();
+}
+
 absl::Status CudaForwardImpl::Fetch(ForwardBatch b) {
   if (static_cast<int>(b.size()) != batch) {
     return absl::InvalidArgumentError("Fetch takes the batch that was staged");
@@ -908,6 +982,10 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
                                                    cuda::kClusterSplit, "; was ",
                                                    options.row_cluster_split));
   }
+  if (options.graph_cache_size < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("graph_cache_size must be 0 or more; was ", options.graph_cache_size));
+  }
   if (options.bf16_residual < -1 || options.bf16_residual > 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("bf16_residual must be -1, 0 or 1; was ", options.bf16_residual));
@@ -953,9 +1031,12 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
 
 absl::Status CudaForward::Run(ForwardBatch batch) {
   if (absl::Status s = Stage(batch); !s.ok()) return s;
-  if (absl::Status s = RunStaged(); !s.ok()) return s;
+  if (absl::Status s = impl_->RunCached(); !s.ok()) return s;
   return FetchStaged(batch);
 }
+
+int64_t CudaForward::graph_runs() const { return impl_->graph_runs; }
+int CudaForward::cached_graphs() const { return static_cast<int>(impl_->graphs.size()); }
 
 absl::Status CudaForward::Stage(ForwardBatch batch) {
   CUDA_RETURN_IF_ERROR(cudaSetDevice(impl_->options.device));
@@ -982,18 +1063,9 @@ absl::Status CudaForward::CaptureGraph() {
     cudaGraphExecDestroy(impl_->graph_exec);
     impl_->graph_exec = nullptr;
   }
-  CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(impl_->stream, cudaStreamCaptureModeRelaxed));
-  const absl::Status run = impl_->RunStaged();
-  cudaGraph_t graph = nullptr;
-  const cudaError_t end = cudaStreamEndCapture(impl_->stream, &graph);
-  if (!run.ok()) {
-    if (graph) cudaGraphDestroy(graph);
-    return run;
-  }
-  CUDA_RETURN_IF_ERROR(end);
-  const cudaError_t inst = cudaGraphInstantiate(&impl_->graph_exec, graph, 0);
-  cudaGraphDestroy(graph);
-  CUDA_RETURN_IF_ERROR(inst);
+  absl::StatusOr<cudaGraphExec_t> exec = impl_->Capture();
+  if (!exec.ok()) return exec.status();
+  impl_->graph_exec = *exec;
   return absl::OkStatus();
 }
 

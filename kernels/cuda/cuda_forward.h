@@ -90,6 +90,13 @@ struct CudaForwardOptions {
   // (whose 400 row tiles leave 4 for a second round); false: each kernel waits for the whole
   // previous one.
   bool per_sample_sync = true;
+  // Run(): a batch launched with the same kernel configuration as an earlier one (the same
+  // counts of samples, tokens and tiles and the same tilings: at a fixed L and C, the same batch
+  // size) replays a CUDA graph of the forward's kernels instead of launching them one by one.
+  // A configuration's graph is captured the second time it is run, so that one-off shapes cost
+  // no capture; up to graph_cache_size graphs are kept, the least recently used dropped first.
+  // 0: every kernel launched by Run() (Stage / RunStaged / CaptureGraph are unaffected).
+  int graph_cache_size = 8;
 };
 
 class CudaForwardImpl;
@@ -99,9 +106,14 @@ class CudaForward {
   static absl::StatusOr<std::unique_ptr<CudaForward>> Create(const ModelWeights& weights,
                                                              const CudaForwardOptions& options);
 
-  // Synchronous: copies the batch in (pinned staging), runs on this object's stream, copies out,
-  // waits. Not thread-safe; one per worker.
+  // Synchronous: copies the batch in (pinned staging), runs on this object's stream (from a
+  // cached CUDA graph where CudaForwardOptions::graph_cache_size allows), copies out, waits. Not
+  // thread-safe; one per worker.
   absl::Status Run(ForwardBatch batch);
+  // Runs of Run() that launched a cached graph (its capture's run included), and the graphs
+  // cached now.
+  int64_t graph_runs() const;
+  int cached_graphs() const;
 
   // 0 when there is no GPU or no driver; never aborts.
   static int DeviceCount();

@@ -1,10 +1,12 @@
 // The CUDA forward timed on one GPU: for each precision and batch size, the forward launched on
 // its stream and as a CUDA-graph replay, run by run in turn, each timed with CUDA events after
-// warm-up (median of --timed_iters runs each), then a per-kernel breakdown from events recorded
+// warm-up (median of --timed_iters runs each), then the serving path (CudaForward::Run with its
+// copies and cached graphs, host clock: run_ms), then a per-kernel breakdown from events recorded
 // between launches.
 // Inputs are staged on the device once; a run reads them and writes separate buffers, so every
 // run computes the same thing. FLOPs are MODEL.md's count (1.56 GFLOP per sample at L=186, C=64).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -108,6 +110,22 @@ absl::StatusOr<std::pair<double, double>> TimeAlternating(cudaStream_t stream, i
   return std::make_pair(Median(ms[0]), Median(ms[1]));
 }
 
+// The serving path's time for one forward: Run() (the inputs copied in, the forward, the outputs
+// copied back and awaited) on the host's clock, median of `iters` runs after `warmup` (at least
+// two: with CudaForwardOptions::graph_cache_size, the default, the batch's graph is captured on
+// its second run, so that the timed runs replay it).
+absl::StatusOr<double> TimeRun(CudaForward& f, ForwardBatch batch, int warmup, int iters) {
+  std::vector<float> ms;
+  for (int i = 0; i < std::max(warmup, 2) + iters; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    if (absl::Status s = f.Run(batch); !s.ok()) return s;
+    const std::chrono::duration<double, std::milli> took =
+        std::chrono::steady_clock::now() - start;
+    if (i >= std::max(warmup, 2)) ms.push_back(static_cast<float>(took.count()));
+  }
+  return Median(ms);
+}
+
 // Median time per kernel kind over `iters` runs, from events recorded after every launch.
 absl::StatusOr<std::map<std::string, double>> Breakdown(CudaForward& fwd, int iters) {
   cudaStream_t stream = fwd.stream();
@@ -179,8 +197,9 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
                options.context_len, config.num_layers, flops * 1e-9, options.timed_iters,
                options.warmup_iters);
   std::string table = absl::StrFormat(
-      "%-5s %5s %8s %10s %10s %12s %8s %7s %10s %s\n", "prec", "B", "tiles", "stream_ms",
-      "graph_ms", "samples/s", "TFLOP/s", "%peak", "anchor_ms", "x faster than anchor");
+      "%-5s %5s %8s %10s %10s %10s %12s %8s %7s %10s %s\n", "prec", "B", "tiles", "stream_ms",
+      "graph_ms", "run_ms", "samples/s", "TFLOP/s", "%peak", "anchor_ms",
+      "x faster than anchor");
   std::string breakdown;
   for (CudaPrecision precision : precisions) {
     const bool bf16 = precision == CudaPrecision::kBf16;
@@ -235,6 +254,11 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (const char* v = std::getenv("MMDIT_BENCH_SAMPLE_SYNC")) {
         fo.per_sample_sync = std::atoi(v) != 0;
       }
+      // 0: Run() launches every kernel instead of replaying cached graphs (run_ms;
+      // CudaForwardOptions::graph_cache_size).
+      if (const char* v = std::getenv("MMDIT_BENCH_GRAPH_CACHE")) {
+        fo.graph_cache_size = std::atoi(v);
+      }
       absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, fo);
       if (!fwd.ok()) return fwd.status();
       CudaForward& f = **fwd;
@@ -265,9 +289,13 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
                          "/", f.tile_queries(), f.fused() ? "F" : "",
                          f.fused_layers() ? "L" : "",
                          f.per_sample_sync() ? "S" : "");
+        absl::StatusOr<double> run_ms =
+            TimeRun(f, in.samples, options.warmup_iters, options.timed_iters);
+        if (!run_ms.ok()) return run_ms.status();
         table += absl::StrFormat(
-            "%-5s %5d %8s %10.4f %10.4f %12.0f %8.1f %6.1f%% %10s %s\n", bf16 ? "bf16" : "fp32",
-            b, tiles, stream_ms, graph_ms, b / (best * 1e-3), tflops,
+            "%-5s %5d %8s %10.4f %10.4f %10.4f %12.0f %8.1f %6.1f%% %10s %s\n",
+            bf16 ? "bf16" : "fp32", b, tiles, stream_ms, graph_ms, *run_ms, b / (best * 1e-3),
+            tflops,
             100.0 * tflops / kBf16PeakTflops,
             anchor > 0 ? absl::StrFormat("%.3f", anchor) : std::string("-"),
             anchor > 0 ? absl::StrFormat("%.1fx", anchor / best) : std::string("-"));
