@@ -17,7 +17,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/cpu/reference_forward.h"
-#include "kernels/cpu/thread_pool.h"
+#include "kernels/thread_pool.h"
 #include "kernels/model_weights.h"
 #include "tests/test_util.h"
 

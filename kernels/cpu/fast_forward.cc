@@ -16,7 +16,7 @@
 
 #include "absl/strings/str_format.h"
 #include "kernels/cpu/fast_forward_kernels.h"
-#include "kernels/cpu/thread_pool.h"
+#include "kernels/thread_pool.h"
 
 namespace mmdit {
 namespace cpu_fast {

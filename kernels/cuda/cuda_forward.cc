@@ -14,6 +14,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/forward_kernels.h"
 #include "kernels/half_float.h"
+#include "kernels/thread_pool.h"
 
 namespace mmdit {
 
@@ -247,6 +248,17 @@ class CudaForwardImpl {
   static constexpr size_t kSeenShapes = 64;
   int64_t graph_runs = 0;
   std::function<void(const char*)> launch_hook;
+
+  // The host copies between the caller's samples and the pinned staging block
+  // (CudaForwardOptions::copy_threads): queued by Stage and Fetch, then run in pieces.
+  struct HostCopy {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  std::vector<HostCopy> host_copies;
+  std::unique_ptr<ThreadPool> copy_pool;  // null: one thread
+  void RunHostCopies();
   void Launched(const char* what) {
     if (launch_hook) launch_hook(what);
   }
@@ -310,6 +322,7 @@ class CudaForwardImpl {
 absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   const int d = config.dim, f = config.dim_feedforward, n = config.num_layers;
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
+  if (options.copy_threads > 1) copy_pool = std::make_unique<ThreadPool>(options.copy_threads);
   CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
                                               options.device));
   CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, options.device));
@@ -642,6 +655,7 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   auto* x = reinterpret_cast<float*>(host_io + off_x);
   int tok = 0, nrt = 0, nat = 0;
   size_t mw = 0;
+  host_copies.clear();
   for (int i = 0; i < static_cast<int>(b.size()); ++i) {
     const ForwardSample& s = b[i];
     const int L = s.seq_len, C = s.context_len;
@@ -675,8 +689,9 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     }
     samples[i] = info;
     std::memcpy(y + static_cast<size_t>(i) * d, s.y, sizeof(float) * d);
-    std::memcpy(x + static_cast<size_t>(tok) * d, s.x, sizeof(float) * L * d);
-    std::memcpy(x + static_cast<size_t>(tok + L) * d, s.context, sizeof(float) * C * d);
+    host_copies.push_back({x + static_cast<size_t>(tok) * d, s.x, sizeof(float) * L * d});
+    host_copies.push_back(
+        {x + static_cast<size_t>(tok + L) * d, s.context, sizeof(float) * C * d});
     for (int r = 0; r < L; r += tile_rows) {
       row_tiles[nrt++] = RowTile{i, 0, r, std::min(tile_rows, L - r)};
     }
@@ -686,6 +701,7 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     }
     tok += L + C;
   }
+  RunHostCopies();
   // Context tiles after every x tile (the wgmma row kernel groups tiles of one stream).
   num_x_row_tiles = nrt;
   for (int i = 0; i < static_cast<int>(b.size()); ++i) {
@@ -933,12 +949,38 @@ absl::Status CudaForwardImpl::Fetch(ForwardBatch b) {
       cudaMemcpyAsync(x, d_act, bytes, cudaMemcpyDeviceToHost, stream));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   size_t tok = 0;
+  host_copies.clear();
   for (const ForwardSample& s : b) {
-    std::memcpy(s.x_out, x + tok * d, sizeof(float) * s.seq_len * d);
-    std::memcpy(s.context_out, x + (tok + s.seq_len) * d, sizeof(float) * s.context_len * d);
+    host_copies.push_back({s.x_out, x + tok * d, sizeof(float) * s.seq_len * d});
+    host_copies.push_back(
+        {s.context_out, x + (tok + s.seq_len) * d, sizeof(float) * s.context_len * d});
     tok += s.seq_len + s.context_len;
   }
+  RunHostCopies();
   return absl::OkStatus();
+}
+
+void CudaForwardImpl::RunHostCopies() {
+  // Pieces of up to 256 KB, taken in order by the pool's threads; below 2 MB in all, the
+  // caller copies alone (waking the workers costs more than it saves).
+  constexpr size_t kPiece = size_t{256} << 10, kParallelFrom = size_t{2} << 20;
+  size_t total = 0;
+  for (const HostCopy& c : host_copies) total += c.bytes;
+  if (copy_pool == nullptr || total < kParallelFrom) {
+    for (const HostCopy& c : host_copies) std::memcpy(c.dst, c.src, c.bytes);
+    return;
+  }
+  std::vector<HostCopy> pieces;
+  pieces.reserve(total / kPiece + host_copies.size());
+  for (const HostCopy& c : host_copies) {
+    for (size_t at = 0; at < c.bytes; at += kPiece) {
+      pieces.push_back({static_cast<char*>(c.dst) + at, static_cast<const char*>(c.src) + at,
+                        std::min(kPiece, c.bytes - at)});
+    }
+  }
+  copy_pool->ParallelFor(static_cast<int>(pieces.size()), [&](int task, int) {
+    std::memcpy(pieces[task].dst, pieces[task].src, pieces[task].bytes);
+  });
 }
 
 CudaForward::CudaForward(std::unique_ptr<CudaForwardImpl> impl) : impl_(std::move(impl)) {}
@@ -981,6 +1023,10 @@ absl::StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(
     return absl::InvalidArgumentError(absl::StrCat("row_cluster_split must be 0, 1, 2 or ",
                                                    cuda::kClusterSplit, "; was ",
                                                    options.row_cluster_split));
+  }
+  if (options.copy_threads < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("copy_threads must be 1 or more; was ", options.copy_threads));
   }
   if (options.graph_cache_size < 0) {
     return absl::InvalidArgumentError(

@@ -259,6 +259,10 @@ absl::Status RunCudaBenchmark(const BenchOptions& options) {
       if (const char* v = std::getenv("MMDIT_BENCH_GRAPH_CACHE")) {
         fo.graph_cache_size = std::atoi(v);
       }
+      // The host threads of Run()'s copies (run_ms; CudaForwardOptions::copy_threads).
+      if (const char* v = std::getenv("MMDIT_BENCH_COPY_THREADS")) {
+        fo.copy_threads = std::atoi(v);
+      }
       absl::StatusOr<std::unique_ptr<CudaForward>> fwd = CudaForward::Create(weights, fo);
       if (!fwd.ok()) return fwd.status();
       CudaForward& f = **fwd;

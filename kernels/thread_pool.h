@@ -1,5 +1,6 @@
-// A fixed set of threads that run one parallel loop at a time, for the CPU fast forward. The
-// calling thread takes part, so a pool of N threads starts N - 1 workers.
+// A fixed set of threads that run one parallel loop at a time: the CPU fast forward's loops and
+// the CUDA forward's host copies. The calling thread takes part, so a pool of N threads starts
+// N - 1 workers.
 #pragma once
 
 #include <atomic>
