@@ -200,6 +200,9 @@ class CudaForwardImpl {
     cudaSetDevice(options.device);
     if (graph_exec) cudaGraphExecDestroy(graph_exec);
     for (const CachedGraph& g : graphs) cudaGraphExecDestroy(g.exec);
+    for (cudaEvent_t e : chunk_fetched) {
+      if (e) cudaEventDestroy(e);
+    }
     for (void* p : device_allocs) cudaFree(p);
     if (host_io) cudaFreeHost(host_io);
     if (stream) cudaStreamDestroy(stream);
@@ -258,7 +261,16 @@ class CudaForwardImpl {
   };
   std::vector<HostCopy> host_copies;
   std::unique_ptr<ThreadPool> copy_pool;  // null: one thread
-  void RunHostCopies();
+  // The part of host_copies whose side in the staging block's x section (dst when `into_block`,
+  // src otherwise) lies in bytes [begin, end) of the section.
+  void RunHostCopies(bool into_block, size_t begin, size_t end);
+  // The x section moves between host and device in chunks, so that one chunk's transfer overlaps
+  // the host copies of the next (Stage) or of the one before (Fetch).
+  static constexpr int kMaxChunks = 16;
+  size_t ChunkBytes(size_t section_bytes) const {
+    return std::max(size_t{4} << 20, (section_bytes + kMaxChunks - 1) / kMaxChunks);
+  }
+  cudaEvent_t chunk_fetched[kMaxChunks] = {};
   void Launched(const char* what) {
     if (launch_hook) launch_hook(what);
   }
@@ -323,6 +335,9 @@ absl::Status CudaForwardImpl::Init(const ModelWeights& weights) {
   const int d = config.dim, f = config.dim_feedforward, n = config.num_layers;
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
   if (options.copy_threads > 1) copy_pool = std::make_unique<ThreadPool>(options.copy_threads);
+  for (cudaEvent_t& e : chunk_fetched) {
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
   CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
                                               options.device));
   CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, options.device));
@@ -701,7 +716,14 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
     }
     tok += L + C;
   }
-  RunHostCopies();
+  // The x section, chunk by chunk: each chunk's transfer runs while the next one is copied in.
+  const size_t x_bytes = sizeof(float) * static_cast<size_t>(tok) * d;
+  for (size_t c0 = 0, chunk = ChunkBytes(x_bytes); c0 < x_bytes; c0 += chunk) {
+    const size_t c1 = std::min(c0 + chunk, x_bytes);
+    RunHostCopies(/*into_block=*/true, c0, c1);
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev_io + off_x + c0, host_io + off_x + c0, c1 - c0,
+                                         cudaMemcpyHostToDevice, stream));
+  }
   // Context tiles after every x tile (the wgmma row kernel groups tiles of one stream).
   num_x_row_tiles = nrt;
   for (int i = 0; i < static_cast<int>(b.size()); ++i) {
@@ -748,7 +770,6 @@ absl::Status CudaForwardImpl::Stage(ForwardBatch b) {
   CUDA_RETURN_IF_ERROR(copy(off_attn_tiles, sizeof(AttnTile) * nat));
   CUDA_RETURN_IF_ERROR(copy(off_y, sizeof(float) * batch * d));
   if (mw) CUDA_RETURN_IF_ERROR(copy(off_mask, sizeof(uint32_t) * mw));
-  CUDA_RETURN_IF_ERROR(copy(off_x, sizeof(float) * static_cast<size_t>(tok) * d));
   return absl::OkStatus();
 }
 
@@ -944,10 +965,15 @@ absl::Status CudaForwardImpl::Fetch(ForwardBatch b) {
   if (batch == 0) return absl::OkStatus();
   const int d = config.dim;
   float* x = reinterpret_cast<float*>(host_io + off_x);
-  const size_t bytes = sizeof(float) * static_cast<size_t>(num_tokens) * d;
-  CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(x, d_act, bytes, cudaMemcpyDeviceToHost, stream));
-  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  const size_t x_bytes = sizeof(float) * static_cast<size_t>(num_tokens) * d;
+  const size_t chunk = ChunkBytes(x_bytes);
+  int chunks = 0;
+  for (size_t c0 = 0; c0 < x_bytes; c0 += chunk, ++chunks) {
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_io + off_x + c0, reinterpret_cast<char*>(d_act) + c0,
+                                         std::min(chunk, x_bytes - c0), cudaMemcpyDeviceToHost,
+                                         stream));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(chunk_fetched[chunks], stream));
+  }
   size_t tok = 0;
   host_copies.clear();
   for (const ForwardSample& s : b) {
@@ -956,27 +982,35 @@ absl::Status CudaForwardImpl::Fetch(ForwardBatch b) {
         {s.context_out, x + (tok + s.seq_len) * d, sizeof(float) * s.context_len * d});
     tok += s.seq_len + s.context_len;
   }
-  RunHostCopies();
+  // Each chunk copied out while the next one is still in transfer.
+  for (int c = 0; c < chunks; ++c) {
+    CUDA_RETURN_IF_ERROR(cudaEventSynchronize(chunk_fetched[c]));
+    RunHostCopies(/*into_block=*/false, c * chunk, std::min((c + 1) * chunk, x_bytes));
+  }
   return absl::OkStatus();
 }
 
-void CudaForwardImpl::RunHostCopies() {
+void CudaForwardImpl::RunHostCopies(bool into_block, size_t begin, size_t end) {
   // Pieces of up to 256 KB, taken in order by the pool's threads; below 2 MB in all, the
   // caller copies alone (waking the workers costs more than it saves).
   constexpr size_t kPiece = size_t{256} << 10, kParallelFrom = size_t{2} << 20;
-  size_t total = 0;
-  for (const HostCopy& c : host_copies) total += c.bytes;
-  if (copy_pool == nullptr || total < kParallelFrom) {
-    for (const HostCopy& c : host_copies) std::memcpy(c.dst, c.src, c.bytes);
-    return;
-  }
+  const char* const block = reinterpret_cast<const char*>(host_io + off_x);
   std::vector<HostCopy> pieces;
-  pieces.reserve(total / kPiece + host_copies.size());
+  size_t total = 0;
   for (const HostCopy& c : host_copies) {
-    for (size_t at = 0; at < c.bytes; at += kPiece) {
-      pieces.push_back({static_cast<char*>(c.dst) + at, static_cast<const char*>(c.src) + at,
-                        std::min(kPiece, c.bytes - at)});
+    const char* side = static_cast<const char*>(into_block ? c.dst : c.src);
+    const size_t off = static_cast<size_t>(side - block);
+    const size_t from = std::max(off, begin), to = std::min(off + c.bytes, end);
+    for (size_t at = from; at < to; at += kPiece) {
+      const size_t skip = at - off;
+      pieces.push_back({static_cast<char*>(c.dst) + skip, static_cast<const char*>(c.src) + skip,
+                        std::min(kPiece, to - at)});
+      total += pieces.back().bytes;
     }
+  }
+  if (copy_pool == nullptr || total < kParallelFrom) {
+    for (const HostCopy& p : pieces) std::memcpy(p.dst, p.src, p.bytes);
+    return;
   }
   copy_pool->ParallelFor(static_cast<int>(pieces.size()), [&](int task, int) {
     std::memcpy(pieces[task].dst, pieces[task].src, pieces[task].bytes);

@@ -98,8 +98,9 @@ struct CudaForwardOptions {
   // 0: every kernel launched by Run() (Stage / RunStaged / CaptureGraph are unaffected).
   int graph_cache_size = 8;
   // Host threads (the caller's among them) that copy a batch's inputs into the pinned staging
-  // block and its outputs out of it, in 256 KB pieces; batches of under 2 MB each way are copied
-  // by the caller alone. On the H100 host one thread copied ~5.7 GB/s: at B = 256 Run() took
+  // block and its outputs out of it, in 256 KB pieces. The block moves to and from the device in
+  // chunks (4 MB, or a sixteenth of the batch), each chunk's transfer overlapping the copies of
+  // the next; chunks of under 2 MB are copied by the caller alone. On the H100 host one thread copied ~5.7 GB/s: at B = 256 Run() took
   // 11.6-12.8 ms around a 1.5 ms forward, with four threads 5.1, with eight 4.2
   // (docs/BENCHMARKS.md, eighteenth round).
   int copy_threads = 4;
