@@ -102,7 +102,7 @@ struct CudaForwardOptions {
   // chunks (4 MB, or a sixteenth of the batch), each chunk's transfer overlapping the copies of
   // the next; chunks of under 2 MB are copied by the caller alone. On the H100 host one thread
   // copied ~5.7 GB/s: at B = 256 Run() took 11.6-12.8 ms around a 1.5 ms forward, 5.1 with four
-  // threads, 4.2 with eight, and ~5.0-5.3 with four threads and the chunks (docs/BENCHMARKS.md,
+  // threads, 4.2 with eight, and 3.8-5.3 with four threads and the chunks (docs/BENCHMARKS.md,
   // "The serving path").
   int copy_threads = 4;
 };
