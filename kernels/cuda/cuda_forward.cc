@@ -947,7 +947,12 @@ absl::Status CudaForwardImpl::RunCached() {
   }
   seen_once.erase(seen);
   absl::StatusOr<cudaGraphExec_t> exec = Capture();
-  if (!exec.ok()) return exec.status();
+  if (!exec.ok()) {
+    // The graph is an optimisation: a batch whose capture fails is launched as it always was
+    // (and fails only if that fails too).
+    cudaGetLastError();
+    return RunStaged();
+  }
   if (graphs.size() == static_cast<size_t>(options.graph_cache_size)) {
     cudaGraphExecDestroy(graphs.back().exec);
     graphs.pop_back();
