@@ -265,9 +265,13 @@ class CudaForwardImpl {
   // src otherwise) lies in bytes [begin, end) of the section.
   void RunHostCopies(bool into_block, size_t begin, size_t end);
   // The x section moves between host and device in chunks, so that one chunk's transfer overlaps
-  // the host copies of the next (Stage) or of the one before (Fetch).
+  // the host copies of the next (Stage) or of the one before (Fetch). Sections that one thread
+  // copies (RunHostCopies) go in 256 KB chunks; larger ones in chunks of 4 MB or more, so that
+  // each chunk's copies are worth waking the pool for.
   static constexpr int kMaxChunks = 16;
-  size_t ChunkBytes(size_t section_bytes) const {
+  static constexpr size_t kParallelFrom = size_t{2} << 20;
+  static size_t ChunkBytes(size_t section_bytes) {
+    if (section_bytes < kParallelFrom) return size_t{256} << 10;
     return std::max(size_t{4} << 20, (section_bytes + kMaxChunks - 1) / kMaxChunks);
   }
   cudaEvent_t chunk_fetched[kMaxChunks] = {};
@@ -996,9 +1000,9 @@ absl::Status CudaForwardImpl::Fetch(ForwardBatch b) {
 }
 
 void CudaForwardImpl::RunHostCopies(bool into_block, size_t begin, size_t end) {
-  // Pieces of up to 256 KB, taken in order by the pool's threads; below 2 MB in all, the
-  // caller copies alone (waking the workers costs more than it saves).
-  constexpr size_t kPiece = size_t{256} << 10, kParallelFrom = size_t{2} << 20;
+  // Pieces of up to 256 KB, taken in order by the pool's threads; below kParallelFrom in all,
+  // the caller copies alone (waking the workers costs more than it saves).
+  constexpr size_t kPiece = size_t{256} << 10;
   const char* const block = reinterpret_cast<const char*>(host_io + off_x);
   std::vector<HostCopy> pieces;
   size_t total = 0;

@@ -98,9 +98,10 @@ struct CudaForwardOptions {
   // 0: every kernel launched by Run() (Stage / RunStaged / CaptureGraph are unaffected).
   int graph_cache_size = 8;
   // Host threads (the caller's among them) that copy a batch's inputs into the pinned staging
-  // block and its outputs out of it, in 256 KB pieces. The block moves to and from the device in
-  // chunks (4 MB, or a sixteenth of the batch), each chunk's transfer overlapping the copies of
-  // the next; chunks of under 2 MB are copied by the caller alone. On the H100 host one thread
+  // block and its outputs out of it, in 256 KB pieces, from 2 MB each way (below, the caller
+  // copies alone). The block moves to and from the device in chunks (256 KB below 2 MB, else 4 MB
+  // or a sixteenth of the batch), each chunk's transfer overlapping the copies of the next or the
+  // one before. On the H100 host one thread
   // copied ~5.7 GB/s: at B = 256 Run() took 11.6-12.8 ms around a 1.5 ms forward, 5.1 with four
   // threads, 4.2 with eight, and 3.8-5.3 with four threads and the chunks (docs/BENCHMARKS.md,
   // "The serving path").
