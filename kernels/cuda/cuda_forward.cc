@@ -260,6 +260,7 @@ class CudaForwardImpl {
     size_t bytes;
   };
   std::vector<HostCopy> host_copies;
+  std::vector<HostCopy> copy_pieces;  // RunHostCopies' pieces, kept so that a run allocates nothing
   std::unique_ptr<ThreadPool> copy_pool;  // null: one thread
   // The part of host_copies whose side in the staging block's x section (dst when `into_block`,
   // src otherwise) lies in bytes [begin, end) of the section.
@@ -1004,7 +1005,8 @@ void CudaForwardImpl::RunHostCopies(bool into_block, size_t begin, size_t end) {
   // the caller copies alone (waking the workers costs more than it saves).
   constexpr size_t kPiece = size_t{256} << 10;
   const char* const block = reinterpret_cast<const char*>(host_io + off_x);
-  std::vector<HostCopy> pieces;
+  std::vector<HostCopy>& pieces = copy_pieces;
+  pieces.clear();
   size_t total = 0;
   for (const HostCopy& c : host_copies) {
     const char* side = static_cast<const char*>(into_block ? c.dst : c.src);
