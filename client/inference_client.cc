@@ -262,8 +262,7 @@ absl::StatusOr<std::unique_ptr<InferenceClient>> InferenceClient::Create(const O
   }
   auto channel = grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(),
                                            args);
-  return std::unique_ptr<InferenceClient>(
-      new InferenceClient(inference::GRPCInferenceService::NewStub(channel)));
+  return std::unique_ptr<InferenceClient>(new InferenceClient(options.address, channel));
 }
 
 absl::StatusOr<inference::ModelInferResponse> InferenceClient::ModelInfer(
@@ -307,6 +306,14 @@ absl::Status InferenceClient::WaitForReady(absl::Duration timeout) {
   return absl::DeadlineExceededError(
       absl::StrCat("server not ready within ", absl::FormatDuration(timeout), ": ",
                    last.message()));
+}
+
+absl::Status InferenceClient::WaitForConnected(absl::Duration timeout) {
+  if (channel_->WaitForConnected(absl::ToChronoTime(absl::Now() + timeout))) {
+    return absl::OkStatus();
+  }
+  return absl::UnavailableError(absl::StrCat("could not connect to ", address_, " within ",
+                                             absl::FormatDuration(timeout)));
 }
 
 absl::StatusOr<inference::ModelMetadataResponse> InferenceClient::ModelMetadata(

@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "grpcpp/channel.h"
 #include "proto/grpc_service.grpc.pb.h"
 #include "kernels/safetensors.h"
 
@@ -83,12 +84,21 @@ class InferenceClient {
   // Polls ServerReady until it answers true or `timeout` passes (DeadlineExceeded).
   absl::Status WaitForReady(absl::Duration timeout);
 
+  // Connects this client's channel, retrying as gRPC backs off, until it is ready or `timeout`
+  // passes (Unavailable, naming the address). A call on a channel whose connection attempt just
+  // failed fails at once instead of waiting for the next attempt.
+  absl::Status WaitForConnected(absl::Duration timeout);
+
   absl::StatusOr<inference::ModelMetadataResponse> ModelMetadata(const std::string& model,
                                                                  absl::Duration timeout);
 
  private:
-  explicit InferenceClient(std::unique_ptr<inference::GRPCInferenceService::Stub> stub)
-      : stub_(std::move(stub)) {}
+  InferenceClient(std::string address, std::shared_ptr<grpc::Channel> channel)
+      : address_(std::move(address)),
+        channel_(std::move(channel)),
+        stub_(inference::GRPCInferenceService::NewStub(channel_)) {}
+  const std::string address_;
+  const std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
 };
 

@@ -24,7 +24,9 @@ ABSL_FLAG(int, context_len, 64, "Context tokens per sample (C)");
 ABSL_FLAG(int, dim, 128, "Model dimension (D) of the served model");
 ABSL_FLAG(bool, typed, false, "Send typed fp32_contents instead of raw_input_contents");
 ABSL_FLAG(int64_t, timeout_ms, 60000, "Deadline of each request in milliseconds");
-ABSL_FLAG(double, wait_ready_s, 30, "Wait this long for the server to be ready first");
+ABSL_FLAG(double, wait_ready_s, 30,
+          "Wait this long for the server to be ready, and as long again for every client's "
+          "connection, before the clock starts");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
@@ -52,6 +54,7 @@ int main(int argc, char** argv) {
   options.encoding =
       absl::GetFlag(FLAGS_typed) ? mmdit::TensorEncoding::kTyped : mmdit::TensorEncoding::kRaw;
   options.timeout = absl::Milliseconds(absl::GetFlag(FLAGS_timeout_ms));
+  options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_wait_ready_s));
 
   auto generator = mmdit::LoadGenerator::Create(options);
   if (!generator.ok()) {

@@ -2,6 +2,9 @@
 // the load generator against the real server on loopback, serving the shared "small" fixture.
 #include "client/inference_client.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -388,6 +391,57 @@ TEST(LoadGeneratorOptionsTest, AreValidated) {
   options = {};
   options.batch_size = -1;
   EXPECT_EQ(LoadGenerator::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
+  options = {};
+  options.connect_timeout = absl::ZeroDuration();
+  const absl::Status zero_connect = LoadGenerator::Create(options).status();
+  EXPECT_EQ(zero_connect.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(zero_connect.message(), HasSubstr("connect_timeout"));
+}
+
+// A port that refuses connections for as long as this lives: bound on loopback, never listening.
+class RefusingPort {
+ public:
+  RefusingPort() : fd_(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    socklen_t len = sizeof(sa);
+    if (fd_ >= 0 && bind(fd_, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0 &&
+        getsockname(fd_, reinterpret_cast<sockaddr*>(&sa), &len) == 0) {
+      port_ = ntohs(sa.sin_port);
+    }
+  }
+  ~RefusingPort() {
+    if (fd_ >= 0) close(fd_);
+  }
+  int port() const { return port_; }
+
+ private:
+  const int fd_;
+  int port_ = 0;
+};
+
+TEST(LoadGeneratorConnectTest, FailsWithTheAddressWhenNoConnectionComesUp) {
+  RefusingPort refusing;
+  ASSERT_GT(refusing.port(), 0);
+  LoadGenerator::Options options;
+  options.address = absl::StrCat("127.0.0.1:", refusing.port());
+  options.concurrency = 2;
+  options.max_requests = 4;
+  options.seq_len = 3;
+  options.context_len = 1;
+  options.dim = 8;
+  options.connect_timeout = absl::Milliseconds(500);
+  auto generator = LoadGenerator::Create(options);
+  ASSERT_TRUE(generator.ok()) << generator.status();
+  const absl::Time start = absl::Now();
+  auto report = (*generator)->Run();
+  const absl::Duration took = absl::Now() - start;
+  ASSERT_FALSE(report.ok());
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(report.status().message(), HasSubstr(options.address));
+  EXPECT_GE(took, absl::Milliseconds(400));  // it waited for the connection, as told
+  EXPECT_LT(took, absl::Seconds(20));
 }
 
 }  // namespace
