@@ -521,6 +521,58 @@ TEST(GpuForwardTest, RepeatedShapesRunFromCachedGraphs) {
   EXPECT_EQ((*launched)->cached_graphs(), 0);
 }
 
+// A graph is an optimisation: when a shape's capture fails, Run() launches the forward kernel by
+// kernel instead (same bits), caches nothing, and captures the shape again after two more runs.
+// The capture is made to fail by querying the stream from the launch hook while it is captured,
+// which CUDA does not allow and which invalidates the capture.
+TEST(GpuForwardTest, FailedCaptureFallsBackToLaunching) {
+  SKIP_WITHOUT_GPU();
+  MmditConfig config = TargetConfig();
+  config.num_layers = 2;
+  const ModelWeights weights = ModelWeights::Deterministic(config, 23);
+  const std::vector<std::pair<int, int>> shape = {{40, 7}, {9, 2}};
+  CudaForwardOptions options = SizedFor(2, 40, 7);
+  options.graph_cache_size = 0;
+  auto launched = CudaForward::Create(weights, options);
+  ASSERT_TRUE(launched.ok()) << launched.status();
+  options.graph_cache_size = 2;
+  auto cached = CudaForward::Create(weights, options);
+  ASSERT_TRUE(cached.ok()) << cached.status();
+  int captures_to_break = 1, broken = 0;
+  CudaForward* const fwd = cached->get();
+  fwd->set_launch_hook([&](const char*) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    cudaStreamIsCapturing(fwd->stream(), &capture);
+    if (capture == cudaStreamCaptureStatusActive && captures_to_break > 0) {
+      --captures_to_break;
+      ++broken;
+      EXPECT_NE(cudaStreamQuery(fwd->stream()), cudaSuccess);  // invalidates the capture
+    }
+  });
+  // (graph runs after it, cached graphs after it)
+  const std::pair<int64_t, int> steps[] = {
+      {0, 0},  // first run: launched
+      {0, 0},  // second: its capture fails, so it is launched
+      {0, 0},  // counts as a first run again
+      {1, 1},  // captured and run from the graph
+      {2, 1},  // replayed
+  };
+  for (int i = 0; i < static_cast<int>(std::size(steps)); ++i) {
+    RandomBatch want = testing::MakeRandomBatch(config, shape, true, 80 + i);
+    RandomBatch got = testing::MakeRandomBatch(config, shape, true, 80 + i);
+    for (const ForwardSample& s : got.samples) Poison(s, config.dim);
+    ASSERT_TRUE((*launched)->Run(want.samples).ok());
+    const absl::Status run = fwd->Run(got.samples);
+    ASSERT_TRUE(run.ok()) << "run " << i + 1 << ": " << run;
+    EXPECT_EQ(want.AllOutputs(), got.AllOutputs()) << "run " << i + 1;
+    EXPECT_EQ(fwd->graph_runs(), steps[i].first) << "run " << i + 1;
+    EXPECT_EQ(fwd->cached_graphs(), steps[i].second) << "run " << i + 1;
+    if (i == 1) EXPECT_LE(CompareWithReference(weights, got, {0, 1}), kBf16Tolerance);
+  }
+  EXPECT_EQ(broken, 1);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
 // q, k, v and the attention output head by head (the wgmma row kernel with the persistent
 // attention) are a layout only: the same products in the same order as token by token, so the
 // outputs are identical.
