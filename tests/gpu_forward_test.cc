@@ -472,6 +472,26 @@ TEST(GpuForwardTest, GraphReplayMatchesRun) {
   EXPECT_EQ(want, b.x_out);
 }
 
+// Two forwards of the same weights and sizes: one launching every kernel, one replaying graphs
+// from a cache of `cache_size`.
+struct LaunchedAndCached {
+  std::unique_ptr<CudaForward> launched, cached;
+};
+absl::StatusOr<LaunchedAndCached> MakeLaunchedAndCached(const ModelWeights& weights,
+                                                        CudaForwardOptions options,
+                                                        int cache_size) {
+  LaunchedAndCached f;
+  options.graph_cache_size = 0;
+  absl::StatusOr<std::unique_ptr<CudaForward>> launched = CudaForward::Create(weights, options);
+  if (!launched.ok()) return launched.status();
+  options.graph_cache_size = cache_size;
+  absl::StatusOr<std::unique_ptr<CudaForward>> cached = CudaForward::Create(weights, options);
+  if (!cached.ok()) return cached.status();
+  f.launched = *std::move(launched);
+  f.cached = *std::move(cached);
+  return f;
+}
+
 // Run() on batches of a shape it has run before launches a cached graph of the forward: captured
 // on a shape's second run, replayed on later ones, the least recently used dropped when the
 // cache is full. Every run has new inputs (values, masks, RoPE offsets) and gives the same bits
@@ -482,13 +502,10 @@ TEST(GpuForwardTest, RepeatedShapesRunFromCachedGraphs) {
   config.num_layers = 3;
   const ModelWeights weights = ModelWeights::Deterministic(config, 17);
   const std::vector<std::pair<int, int>> shape_a = {{70, 9}, {17, 3}}, shape_b = {{33, 5}};
-  CudaForwardOptions options = SizedFor(2, 70, 9);
-  options.graph_cache_size = 0;
-  auto launched = CudaForward::Create(weights, options);
-  ASSERT_TRUE(launched.ok()) << launched.status();
-  options.graph_cache_size = 1;
-  auto cached = CudaForward::Create(weights, options);
-  ASSERT_TRUE(cached.ok()) << cached.status();
+  auto fwds = MakeLaunchedAndCached(weights, SizedFor(2, 70, 9), 1);
+  ASSERT_TRUE(fwds.ok()) << fwds.status();
+  CudaForward* const launched = fwds->launched.get();
+  CudaForward* const cached = fwds->cached.get();
   // (shape, graph runs after it, cached graphs after it)
   struct Step {
     bool a;
@@ -510,15 +527,15 @@ TEST(GpuForwardTest, RepeatedShapesRunFromCachedGraphs) {
     RandomBatch want = testing::MakeRandomBatch(config, step.a ? shape_a : shape_b, true, 60 + i);
     RandomBatch got = testing::MakeRandomBatch(config, step.a ? shape_a : shape_b, true, 60 + i);
     for (const ForwardSample& s : got.samples) Poison(s, config.dim);
-    ASSERT_TRUE((*launched)->Run(want.samples).ok());
-    ASSERT_TRUE((*cached)->Run(got.samples).ok());
+    ASSERT_TRUE(launched->Run(want.samples).ok());
+    ASSERT_TRUE(cached->Run(got.samples).ok());
     EXPECT_EQ(want.AllOutputs(), got.AllOutputs()) << "run " << i + 1;
-    EXPECT_EQ((*cached)->graph_runs(), step.graph_runs) << "run " << i + 1;
-    EXPECT_EQ((*cached)->cached_graphs(), step.cached_graphs) << "run " << i + 1;
+    EXPECT_EQ(cached->graph_runs(), step.graph_runs) << "run " << i + 1;
+    EXPECT_EQ(cached->cached_graphs(), step.cached_graphs) << "run " << i + 1;
     if (i == 2) EXPECT_LE(CompareWithReference(weights, got, {0, 1}), kBf16Tolerance);
   }
-  EXPECT_EQ((*launched)->graph_runs(), 0);
-  EXPECT_EQ((*launched)->cached_graphs(), 0);
+  EXPECT_EQ(launched->graph_runs(), 0);
+  EXPECT_EQ(launched->cached_graphs(), 0);
 }
 
 // A graph is an optimisation: when a shape's capture fails, Run() launches the forward kernel by
@@ -531,15 +548,11 @@ TEST(GpuForwardTest, FailedCaptureFallsBackToLaunching) {
   config.num_layers = 2;
   const ModelWeights weights = ModelWeights::Deterministic(config, 23);
   const std::vector<std::pair<int, int>> shape = {{40, 7}, {9, 2}};
-  CudaForwardOptions options = SizedFor(2, 40, 7);
-  options.graph_cache_size = 0;
-  auto launched = CudaForward::Create(weights, options);
-  ASSERT_TRUE(launched.ok()) << launched.status();
-  options.graph_cache_size = 2;
-  auto cached = CudaForward::Create(weights, options);
-  ASSERT_TRUE(cached.ok()) << cached.status();
+  auto fwds = MakeLaunchedAndCached(weights, SizedFor(2, 40, 7), 2);
+  ASSERT_TRUE(fwds.ok()) << fwds.status();
+  CudaForward* const launched = fwds->launched.get();
+  CudaForward* const fwd = fwds->cached.get();
   int captures_to_break = 1, broken = 0;
-  CudaForward* const fwd = cached->get();
   fwd->set_launch_hook([&](const char*) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     cudaStreamIsCapturing(fwd->stream(), &capture);
@@ -561,7 +574,7 @@ TEST(GpuForwardTest, FailedCaptureFallsBackToLaunching) {
     RandomBatch want = testing::MakeRandomBatch(config, shape, true, 80 + i);
     RandomBatch got = testing::MakeRandomBatch(config, shape, true, 80 + i);
     for (const ForwardSample& s : got.samples) Poison(s, config.dim);
-    ASSERT_TRUE((*launched)->Run(want.samples).ok());
+    ASSERT_TRUE(launched->Run(want.samples).ok());
     const absl::Status run = fwd->Run(got.samples);
     ASSERT_TRUE(run.ok()) << "run " << i + 1 << ": " << run;
     EXPECT_EQ(want.AllOutputs(), got.AllOutputs()) << "run " << i + 1;
