@@ -101,10 +101,9 @@ struct CudaForwardOptions {
   // block and its outputs out of it, in 256 KB pieces, from 2 MB each way (below, the caller
   // copies alone). The block moves to and from the device in chunks (256 KB below 2 MB, else 4 MB
   // or a sixteenth of the batch), each chunk's transfer overlapping the copies of the next or the
-  // one before. On the H100 host one thread
-  // copied ~5.7 GB/s: at B = 256 Run() took 11.6-12.8 ms around a 1.5 ms forward, 5.1 with four
-  // threads, 4.2 with eight, and 3.8-5.3 with four threads and the chunks (docs/BENCHMARKS.md,
-  // "The serving path").
+  // one before. On the H100 host one thread copied ~5.7 GB/s: at B = 256 Run() took 11.6-12.8 ms
+  // around a 1.5 ms forward, 5.1 with four threads, 4.2 with eight, and 3.8-5.3 with four threads
+  // and the chunks (docs/BENCHMARKS.md, "The serving path").
   int copy_threads = 4;
 };
 

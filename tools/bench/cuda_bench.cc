@@ -116,12 +116,13 @@ absl::StatusOr<std::pair<double, double>> TimeAlternating(cudaStream_t stream, i
 // its second run, so that the timed runs replay it).
 absl::StatusOr<double> TimeRun(CudaForward& f, ForwardBatch batch, int warmup, int iters) {
   std::vector<float> ms;
-  for (int i = 0; i < std::max(warmup, 2) + iters; ++i) {
+  const int untimed = std::max(warmup, 2);
+  for (int i = 0; i < untimed + iters; ++i) {
     const auto start = std::chrono::steady_clock::now();
     if (absl::Status s = f.Run(batch); !s.ok()) return s;
     const std::chrono::duration<double, std::milli> took =
         std::chrono::steady_clock::now() - start;
-    if (i >= std::max(warmup, 2)) ms.push_back(static_cast<float>(took.count()));
+    if (i >= untimed) ms.push_back(static_cast<float>(took.count()));
   }
   return Median(ms);
 }
